@@ -1,0 +1,67 @@
+"""Evaluation: predictions over a split, accuracy, and the loss-threshold membership inference attack.
+
+Evaluation never trains; piggyback learning (which does) lives with the stages in ``dtl_jax.dtl``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import numpy as np
+
+from dtl_jax.data.pipeline import eval_batches
+from dtl_jax.data.sources import ImageSplit
+
+
+def predict(
+    predict_fn: Callable, variables: dict, split: ImageSplit, *, batch_size: int, mean: float, std: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Eval-mode logits ``[N, C]`` and features ``[N, D]`` for every example of ``split``, in order.
+    Batches are padded to ``batch_size`` so that ``predict_fn`` compiles once."""
+    logits, features = [], []
+    for batch in eval_batches(split, batch_size, mean=mean, std=std):
+        out = predict_fn(variables, batch["image"])
+        mask = batch["mask"]
+        logits.append(np.asarray(out[0])[mask])
+        features.append(np.asarray(out[1])[mask])
+    return np.concatenate(logits), np.concatenate(features)
+
+
+def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Fraction of examples whose arg-max logit is the label."""
+    if len(labels) == 0:
+        return float("nan")
+    return float(np.mean(np.argmax(logits, axis=-1) == labels))
+
+
+def per_example_loss(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Cross-entropy per example, computed stably in float64."""
+    z = logits.astype(np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    log_z = np.log(np.exp(z).sum(axis=-1))
+    return log_z - z[np.arange(len(labels)), labels]
+
+
+def loss_threshold_mia(member_loss: np.ndarray, nonmember_loss: np.ndarray, seed: int = 0) -> float:
+    """Yeom et al. (METHODS.md §2.3): call an example a member iff its loss is below the mean member
+    (training) loss; return the attack's accuracy on a balanced set (the larger group is subsampled,
+    seeded). 0.5 is chance; 1.0 a perfect attack.
+
+    >>> import numpy as np
+    >>> loss_threshold_mia(np.array([0.1, 0.2]), np.array([2.0, 3.0]))
+    1.0
+    """
+    rng = np.random.default_rng(seed)
+    n = min(len(member_loss), len(nonmember_loss))
+    if n == 0:
+        return float("nan")
+    members = rng.choice(member_loss, n, replace=False)
+    nonmembers = rng.choice(nonmember_loss, n, replace=False)
+    threshold = float(np.mean(member_loss))
+    correct = np.sum(members < threshold) + np.sum(nonmembers >= threshold)
+    return float(correct / (2 * n))
+
+
+def block(tree):
+    return jax.block_until_ready(tree)

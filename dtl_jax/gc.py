@@ -1,0 +1,154 @@
+"""Gradient Collision (GC) and normalised GC (NGC) losses with a Hessian-vector-product gradient.
+
+METHODS.md §1.1. A batch ``B`` is split along its leading axis into ``K`` equal, contiguous chunks
+``B_1..B_K``; ``ℓ_k(θ)`` is ``loss_fn(θ, B_k)`` (a mean loss) and ``g_k = ∇_θ ℓ_k``. Then
+
+    GC(θ)  = 1/(K(K-1)) Σ_{i≠j} <g_i, g_j>  = (||G||² − Σ_k ||g_k||²) / (K(K-1)),   G = Σ_k g_k
+    NGC(θ) = 1/(K(K-1)) Σ_{i≠j} <u_i, u_j>,  u_k = g_k / sqrt(||g_k||² + eps)
+
+Both are functions ``φ(g_1..g_K)`` of the chunk gradients, so by the chain rule
+
+    ∇_θ φ = Σ_k H_k v_k,   v_k = ∂φ/∂g_k,   H_k = ∇²ℓ_k(θ)
+
+(for GC ``v_k = 2(G − g_k)/(K(K-1))``; for NGC ``v_k = 2(I − u_k u_kᵀ)(U − u_k) / (K(K-1) n_k)``).
+The rule is attached with ``jax.custom_vjp``: the forward pass computes the ``K`` chunk gradients, the
+backward pass one Hessian-vector product per chunk, forward-over-reverse (``jax.jvp`` of ``jax.grad``).
+No Hessian is materialised and nothing is differentiated reverse-over-reverse.
+
+Chunks are contiguous slices of the batch: chunk ``k`` is ``batch[k*B/K:(k+1)*B/K]``. Arrange the batch
+accordingly (e.g. ``by_class`` chunking sorts examples so that each chunk holds one class).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PyTree = Any
+LossFn = Callable[[PyTree, PyTree], jax.Array]
+
+__all__ = ["gc_loss", "split_chunks", "pairwise_collision"]
+
+
+def split_chunks(batch: PyTree, num_chunks: int) -> PyTree:
+    """Reshapes every leaf ``[B, ...]`` of ``batch`` to ``[K, B/K, ...]`` (contiguous chunks)."""
+    if num_chunks < 2:
+        raise ValueError(f"num_chunks={num_chunks}: GC needs at least 2 chunks")
+    leaves = jax.tree.leaves(batch)
+    if not leaves:
+        raise ValueError("batch is empty: GC needs a pytree with at least one array leaf")
+    size = leaves[0].shape[0]
+    if size % num_chunks:
+        raise ValueError(f"batch size {size} is not divisible by num_chunks={num_chunks}")
+
+    def reshape(x):
+        if x.shape[0] != size:
+            raise ValueError(f"batch leaves disagree on the batch size: {x.shape[0]} vs {size}")
+        return x.reshape(num_chunks, size // num_chunks, *x.shape[1:])
+
+    return jax.tree.map(reshape, batch)
+
+
+def _vdot(a: PyTree, b: PyTree) -> jax.Array:
+    return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+
+def pairwise_collision(grads: list[PyTree], normalized: bool = False, eps: float = 1e-12) -> jax.Array:
+    """``φ(g_1..g_K)``: mean pairwise inner product (GC) or cosine (NGC) of the chunk gradients.
+
+    This is the reference definition; ``gc_loss`` differentiates it to get the HVP directions.
+    """
+    k = len(grads)
+    if normalized:
+        grads = [jax.tree.map(lambda x, n=jnp.sqrt(_vdot(g, g) + eps): x / n, g) for g in grads]
+    total = jax.tree.map(lambda *xs: sum(xs), *grads)
+    off_diagonal = _vdot(total, total) - sum(_vdot(g, g) for g in grads)
+    return off_diagonal / (k * (k - 1))
+
+
+def _zero_cotangent(x):
+    x = jnp.asarray(x)
+    if jnp.issubdtype(x.dtype, jnp.inexact):
+        return jnp.zeros_like(x)
+    return np.zeros(x.shape, dtype=jax.dtypes.float0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _collision(loss_fn, normalized, eps, params, chunks, consts):
+    value, _ = _collision_fwd(loss_fn, normalized, eps, params, chunks, consts)
+    return value
+
+
+def _chunk_grads(loss_fn, params, chunks, consts):
+    num_chunks = jax.tree.leaves(chunks)[0].shape[0]
+    grad_fn = jax.grad(loss_fn)
+    return [
+        grad_fn(params, jax.tree.map(lambda x, k=k: x[k], chunks), *consts) for k in range(num_chunks)
+    ]
+
+
+def _collision_fwd(loss_fn, normalized, eps, params, chunks, consts):
+    grads = _chunk_grads(loss_fn, params, chunks, consts)
+    value, directions = jax.value_and_grad(pairwise_collision)(grads, normalized, eps)
+    return value, (params, chunks, consts, directions)
+
+
+def _collision_bwd(loss_fn, normalized, eps, residuals, cotangent):
+    del normalized, eps
+    params, chunks, consts, directions = residuals
+    grad_fn = jax.grad(loss_fn)
+    total = None
+    for k, direction in enumerate(directions):
+        chunk = jax.tree.map(lambda x, k=k: x[k], chunks)
+        _, hvp = jax.jvp(lambda p, c=chunk: grad_fn(p, c, *consts), (params,), (direction,))
+        total = hvp if total is None else jax.tree.map(jnp.add, total, hvp)
+    params_ct = jax.tree.map(lambda h: (cotangent * h).astype(h.dtype), total)
+    return params_ct, jax.tree.map(_zero_cotangent, chunks), jax.tree.map(_zero_cotangent, consts)
+
+
+_collision.defvjp(_collision_fwd, _collision_bwd)
+
+
+def gc_loss(
+    loss_fn: LossFn,
+    params: PyTree,
+    batch: PyTree,
+    num_chunks: int,
+    *,
+    normalized: bool = False,
+    eps: float = 1e-12,
+) -> jax.Array:
+    """Gradient Collision loss (METHODS.md §1.1); NGC with ``normalized=True``.
+
+    Args:
+      loss_fn: ``loss_fn(params, batch) -> scalar``, a *mean* loss over the examples of ``batch``.
+        It may close over other arrays (e.g. frozen parameters); they receive no gradient.
+      params: the parameters that enter the chunk gradients ``g_k``; ``jax.grad`` of the result is
+        taken with respect to them.
+      batch: a pytree of arrays with a common leading batch axis ``B``, divisible by ``num_chunks``.
+        Chunk ``k`` is the contiguous slice ``[k*B/K, (k+1)*B/K)``.
+      num_chunks: ``K ≥ 2``.
+      normalized: ``False`` for GC (mean pairwise inner product of chunk gradients), ``True`` for NGC
+        (mean pairwise cosine).
+      eps: NGC's guard, ``u_k = g_k / sqrt(||g_k||² + eps)``; unused by GC.
+
+    Returns:
+      A scalar. ``jax.grad`` of it costs ``K`` chunk gradients plus ``K`` forward-over-reverse
+      Hessian-vector products and never forms a Hessian. Works under ``jax.jit``; cannot itself be
+      ``jax.jvp``'d (it is a ``custom_vjp``).
+
+    >>> import jax.numpy as jnp
+    >>> loss = lambda w, b: jnp.mean((b["x"] @ w - b["y"]) ** 2)
+    >>> batch = {"x": jnp.eye(4), "y": jnp.zeros(4)}
+    >>> float(gc_loss(loss, jnp.ones(4), batch, 2))  # g_1 = [1,1,0,0], g_2 = [0,0,1,1]: orthogonal
+    0.0
+    """
+    chunks = split_chunks(batch, num_chunks)
+    example = jax.tree.map(lambda x: x[0], chunks)
+    closed, consts = jax.closure_convert(loss_fn, params, example)
+    return _collision(closed, bool(normalized), float(eps), params, chunks, tuple(consts))

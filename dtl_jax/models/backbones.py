@@ -1,0 +1,77 @@
+"""Backbones (Flax Linen): each maps images ``[B, H, W, C]`` to features ``[B, D]``.
+
+``train`` switches BatchNorm between batch statistics (and updating the running averages in the
+``batch_stats`` collection) and the running averages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+
+class MLP(nn.Module):
+    """Flatten, then ``Dense -> ReLU`` for each width."""
+
+    widths: Sequence[int] = (128, 128)
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        del train
+        x = x.reshape(x.shape[0], -1)
+        for width in self.widths:
+            x = nn.relu(nn.Dense(width)(x))
+        return x
+
+
+class CNN(nn.Module):
+    """Small CNN: per width, two 3x3 convolutions (optional BatchNorm) with ReLU, then 2x2 max-pool;
+    global average pooling at the end. ``widths=(16, 32, 64)`` is 6 convolutions, 64 features."""
+
+    widths: Sequence[int] = (16, 32, 64)
+    batch_norm: bool = False
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        for width in self.widths:
+            for _ in range(2):
+                x = nn.Conv(width, (3, 3), use_bias=not self.batch_norm)(x)
+                if self.batch_norm:
+                    x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+                x = nn.relu(x)
+            x = nn.max_pool(x, (2, 2), (2, 2))
+        return jnp.mean(x, axis=(1, 2))
+
+
+class BasicBlock(nn.Module):
+    width: int
+    stride: int = 1
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        norm = lambda: nn.BatchNorm(use_running_average=not train, momentum=0.9)  # noqa: E731
+        y = nn.Conv(self.width, (3, 3), (self.stride, self.stride), use_bias=False)(x)
+        y = nn.relu(norm()(y))
+        y = nn.Conv(self.width, (3, 3), use_bias=False)(y)
+        y = norm()(y)
+        if self.stride != 1 or x.shape[-1] != self.width:
+            x = nn.Conv(self.width, (1, 1), (self.stride, self.stride), use_bias=False)(x)
+            x = norm()(x)
+        return nn.relu(x + y)
+
+
+class ResNet18(nn.Module):
+    """CIFAR-style ResNet-18: a 3x3 stem (no max-pool), four stages of two basic blocks."""
+
+    widths: Sequence[int] = (64, 128, 256, 512)
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.Conv(self.widths[0], (3, 3), use_bias=False)(x)
+        x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9)(x))
+        for stage, width in enumerate(self.widths):
+            for block in range(2):
+                x = BasicBlock(width, 2 if stage > 0 and block == 0 else 1)(x, train)
+        return jnp.mean(x, axis=(1, 2))

@@ -1,0 +1,1 @@
+"""Training machinery shared by every stage: optimisers, jitted steps, the loop."""

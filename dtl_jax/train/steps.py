@@ -1,0 +1,165 @@
+"""Jitted train steps, one builder per kind of stage. Each step is ``step(state, *batches) -> (state,
+metrics)`` over the dict state below, jitted once per stage with the state donated.
+
+State::
+
+    {"params": ..., "batch_stats": ..., "opt_state": ..., "step": int32, "rng": key,
+     "halted": bool, "halted_at": int32}
+
+Divergence guard (inside the step, so it costs no host sync): a step whose loss or gradient norm is not
+finite, or whose gradient norm exceeds ``max_grad_norm``, is not applied and sets ``halted``; every later
+step is a no-op. The state therefore always holds the last good parameters, and the loop stops when it
+sees ``halted``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from dtl_jax import losses
+from dtl_jax.config import DisposalConfig
+from dtl_jax.gc import gc_loss
+from dtl_jax.models import Network
+
+Step = Callable
+
+
+def init_state(variables: dict, tx: optax.GradientTransformation, seed: int) -> dict:
+    return {
+        "params": variables["params"],
+        "batch_stats": variables["batch_stats"],
+        "opt_state": tx.init(variables["params"]),
+        "step": jnp.zeros((), jnp.int32),
+        "rng": jax.random.PRNGKey(seed),
+        "halted": jnp.zeros((), bool),
+        "halted_at": jnp.full((), -1, jnp.int32),
+    }
+
+
+def variables_of(state: dict) -> dict:
+    return {"params": state["params"], "batch_stats": state["batch_stats"]}
+
+
+def _guarded_update(state, grads, loss, batch_stats, rng, tx, max_grad_norm):
+    grad_norm = optax.global_norm(grads)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & (grad_norm <= max_grad_norm) & ~state["halted"]
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    candidate = {
+        "params": optax.apply_updates(state["params"], updates),
+        "batch_stats": batch_stats,
+        "opt_state": opt_state,
+    }
+    kept = {k: state[k] for k in candidate}
+    new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), candidate, kept)
+    halted = state["halted"] | ~ok
+    new.update(
+        step=state["step"] + ok.astype(jnp.int32),
+        rng=rng,
+        halted=halted,
+        halted_at=jnp.where(halted & ~state["halted"], state["step"], state["halted_at"]),
+    )
+    return new, {"loss": loss, "grad_norm": grad_norm}
+
+
+def supervised_step(network: Network, head: str, tx, max_grad_norm: float = math.inf) -> Step:
+    """Cross-entropy on ``batch`` through ``head`` (pre-training, transfer, piggyback learning)."""
+
+    def step(state, batch):
+        def loss_fn(params):
+            variables = {"params": params, "batch_stats": state["batch_stats"]}
+            logits, _, stats = network.apply(variables, batch["image"], head=head, train=True)
+            loss = losses.cross_entropy(logits, batch["label"])
+            return loss, (stats, jnp.mean(jnp.argmax(logits, -1) == batch["label"]))
+
+        (loss, (stats, acc)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        new, metrics = _guarded_update(state, grads, loss, stats, state["rng"], tx, max_grad_norm)
+        return new, {**metrics, "accuracy": acc}
+
+    return jax.jit(step, donate_argnums=0)
+
+
+def split_gc_params(params: dict, which: str) -> tuple[dict, dict]:
+    """Splits ``params`` into (parameters that enter the chunk gradients, the rest)."""
+    if which == "all":
+        return params, {}
+    heads = params["heads"]
+    keep = {"source"} if which == "backbone_source" else set()
+    gc_part = {"backbone": params["backbone"], "heads": {k: v for k, v in heads.items() if k in keep}}
+    rest = {"heads": {k: v for k, v in heads.items() if k not in keep}}
+    return gc_part, rest
+
+
+def merge_params(gc_part: dict, rest: dict) -> dict:
+    if not rest:
+        return gc_part
+    return {"backbone": gc_part["backbone"], "heads": {**rest["heads"], **gc_part["heads"]}}
+
+
+def disposal_step(network: Network, method: str, config: DisposalConfig, tx, teacher: dict) -> Step:
+    """Knowledge disposal (METHODS.md §1): ``L_retain + λ · L_unlearn`` from the TL model.
+
+    ``method`` is the unlearning loss on the source batch (gc, ngc, rtf, utf, ga); ``config.retain``
+    the retaining loss (tgt_kd, src_kd, ce) with ``teacher`` the frozen TL model's variables. For GC/NGC,
+    the source batch is split into ``config.num_chunks`` contiguous chunks (see ``dtl_jax.gc``); the
+    parameters outside ``config.gc_params`` are held constant inside GC.
+    """
+    lam = config.gc_lambda if method in ("gc", "ngc") else config.fooling_lambda
+
+    def step(state, source_batch, target_batch):
+        rng, key = jax.random.split(state["rng"])
+        batch_stats = state["batch_stats"]
+
+        def retain_loss(params):
+            inputs = source_batch["image"] if config.retain == "src_kd" else target_batch["image"]
+            variables = {"params": params, "batch_stats": batch_stats}
+            logits, _, stats = network.apply(variables, inputs, head="target", train=True)
+            if config.retain == "ce":
+                return losses.cross_entropy(logits, target_batch["label"]), stats
+            teacher_logits, _, _ = network.apply(teacher, inputs, head="target", train=False)
+            return losses.distillation(logits, teacher_logits, config.temperature), stats
+
+        def unlearn_loss(params):
+            if method in ("gc", "ngc"):
+                gc_part, rest = split_gc_params(params, config.gc_params)
+                rest = jax.lax.stop_gradient(rest)
+
+                def chunk_loss(p, chunk):
+                    variables = {"params": merge_params(p, rest), "batch_stats": batch_stats}
+                    logits, _, _ = network.apply(variables, chunk["image"], head="source", train=True)
+                    return losses.cross_entropy(logits, chunk["label"])
+
+                chunks = {"image": source_batch["image"], "label": source_batch["label"]}
+                return gc_loss(chunk_loss, gc_part, chunks, config.num_chunks, normalized=method == "ngc")
+            variables = {"params": params, "batch_stats": batch_stats}
+            logits, _, _ = network.apply(variables, source_batch["image"], head="source", train=True)
+            if method == "rtf":
+                return losses.random_target_fooling(logits, source_batch["label"], key)
+            if method == "utf":
+                return losses.uniform_target_fooling(logits)
+            return losses.gradient_ascent(logits, source_batch["label"])
+
+        def total_loss(params):
+            retain, stats = retain_loss(params)
+            unlearn = unlearn_loss(params)
+            return retain + lam * unlearn, (stats, retain, unlearn)
+
+        (loss, (stats, retain, unlearn)), grads = jax.value_and_grad(total_loss, has_aux=True)(state["params"])
+        new, metrics = _guarded_update(state, grads, loss, stats, rng, tx, config.max_grad_norm)
+        return new, {**metrics, "retain": retain, "unlearn": unlearn}
+
+    return jax.jit(step, donate_argnums=0)
+
+
+def predict_fn(network: Network, head: str) -> Callable:
+    """Jitted eval-mode forward: ``(variables, images) -> (logits, features)``."""
+
+    def predict(variables, images):
+        logits, features, _ = network.apply(variables, images, head=head, train=False)
+        return logits, features
+
+    return jax.jit(predict)
