@@ -145,22 +145,23 @@ def _field_types(cls) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def override(config: Any, key: str, value: Any) -> Any:
+def override(config: Any, key: str, value: Any, _prefix: str = "") -> Any:
     """Returns ``config`` with the dotted ``key`` set; ``value`` may be a string to parse."""
     head, _, rest = key.partition(".")
-    if not dataclasses.is_dataclass(config) or head not in {f.name for f in dataclasses.fields(config)}:
+    full = _prefix + key
+    if head not in {f.name for f in dataclasses.fields(config)}:
         known = ", ".join(f.name for f in dataclasses.fields(config))
-        raise UserError(f"unknown config key {key!r}: expected one of {known}")
+        raise UserError(f"unknown config key {full!r}: expected one of {known}")
     current = getattr(config, head)
     if rest:
         if not dataclasses.is_dataclass(current):
-            raise UserError(f"unknown config key {key!r}: {head!r} has no sub-keys")
-        return dataclasses.replace(config, **{head: override(current, rest, value)})
+            raise UserError(f"unknown config key {full!r}: {_prefix + head!r} has no sub-keys")
+        return dataclasses.replace(config, **{head: override(current, rest, value, _prefix + head + ".")})
     if dataclasses.is_dataclass(current):
-        raise UserError(f"config key {key!r} is a section: set one of its keys, e.g. {head}.<key>=...")
+        raise UserError(f"config key {full!r} is a section: set one of its keys, e.g. {full}.<key>=...")
     annotation = _field_types(type(config))[head]
     if isinstance(value, str):
-        value = _parse(value, annotation, key)
+        value = _parse(value, annotation, full)
     return dataclasses.replace(config, **{head: value})
 
 

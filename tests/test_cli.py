@@ -1,0 +1,122 @@
+"""The command line: user errors give one line and exit code 2; the pipeline end to end on a tiny config."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import tiny_config
+from PIL import Image
+
+from dtl_jax import cli, dtl
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = [
+    "--set", "data.source.dataset=digits", "--set", "data.target.dataset=digits", "--set", "data.image_size=0",
+    "--set", "data.channels=1", "--set", "model.name=mlp", "--set", "model.widths=16",
+    "--set", "pretrain.epochs=1", "--set", "transfer.epochs=1", "--set", "disposal.steps=2",
+    "--set", "piggyback.epochs=1", "--set", "data.piggyback_per_class=2", "--quiet",
+]
+
+
+def _error_line(capsys, argv) -> str:
+    code = cli.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("dtl-jax: error: "), err
+    return err[0]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["disposal.nope=1"], "unknown config key 'disposal.nope'"),
+        (["data.source.dataset=imagenet_full"], "unknown dataset 'imagenet_full'"),
+        (["model.name=vit"], "model.name='vit'"),
+        (["disposal.methods=gc,forget"], "disposal.methods='forget'"),
+        (["disposal.source_batch_size=50", "disposal.num_chunks=3"], "not divisible by disposal.num_chunks=3"),
+        (["disposal.num_chunks=1"], "disposal.num_chunks=1: expected at least 2"),
+        (["data.source.classes=0,1,12"], "[12] outside the 10 classes"),
+        (["disposal.num_chunks=8", "disposal.source_batch_size=80"], "needs at least as many source classes"),
+    ],
+)
+def test_user_errors_exit_2_with_one_line(capsys, tmp_path, overrides, expected):
+    argv = ["run", *TINY, "--workdir", str(tmp_path)]
+    for o in overrides:
+        argv += ["--set", o]
+    assert expected in _error_line(capsys, argv)
+
+
+def test_empty_task_and_unwritable_workdir(capsys, tmp_path):
+    root = tmp_path / "imgs"
+    for split, classes in (("train", ("a", "b")), ("test", ("a",))):
+        for name in classes:
+            (root / split / name).mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(root / split / name / f"{i}.png")
+    folder = ["--set", "data.source.dataset=folder", "--set", f"data.source.root={root}",
+              "--set", "data.source.classes=1", "--set", "data.target.classes=5,6", "--set", "data.image_size=4", "--set", "disposal.num_chunks=2"]
+    line = _error_line(capsys, ["run", *TINY, *folder, "--workdir", str(tmp_path / "w")])
+    assert "needs at least 2 classes" in line
+    folder[-5] = "data.source.classes=0,1"
+    line = _error_line(capsys, ["run", *TINY, *folder, "--workdir", str(tmp_path / "w")])
+    assert "test split of classes (0, 1)" in line and "is empty" in line
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    line = _error_line(capsys, ["run", *TINY, "--workdir", str(blocker / "sub")])
+    assert "cannot be written" in line
+
+
+def test_console_script_prints_no_traceback(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "dtl_jax.cli", "run", "--set", "disposal.gc_lambda=big", "--workdir", str(tmp_path)],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == "dtl-jax: error: --set disposal.gc_lambda=big: expected a value of type float"
+    help_text = subprocess.run(
+        [sys.executable, "-m", "dtl_jax.cli", "run", "--help"], capture_output=True, text=True, env=env, timeout=60
+    ).stdout
+    assert "--set" in help_text and "results.json" in help_text
+
+
+@pytest.mark.slow
+def test_pipeline_end_to_end_and_stage_reuse(tmp_path, monkeypatch):
+    config = tiny_config()
+    results = dtl.run(config, tmp_path, quiet=True)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    names = ("random_init", "tl", "gc", "ngc", "rtf", "utf", "ga")
+    assert tuple(saved["models"]) == names
+    for name in names:
+        row = saved["models"][name]
+        for key in ("target_acc", "source_acc", "pl_acc", "mia_acc"):
+            assert 0.0 <= row[key] <= 1.0, (name, key, row[key])
+        assert len(row["pl_curve"]) == config.piggyback.epochs
+        assert row["pl_acc"] == row["pl_curve"][-1]
+    assert saved["models"]["tl"]["target_acc"] > 0.5  # digits is easy: transfer must work
+    assert saved["models"] == json.loads(json.dumps(results["models"]))
+    assert saved["versions"]["jax"]
+
+    # A second run in the same workdir reuses every stage: the training loop must not run at all.
+    def no_training(*args, **kwargs):
+        raise AssertionError(f"stage re-ran: {kwargs.get('desc')}")
+
+    monkeypatch.setattr(dtl, "run_steps", no_training)
+    again = dtl.run(config, tmp_path, quiet=True)
+    assert again["models"] == results["models"]
+
+    # Changing λ re-runs disposal (and PL of the disposed models) but reuses pre-training and transfer.
+    ran = []
+    monkeypatch.undo()
+    original = dtl.run_steps
+    monkeypatch.setattr(dtl, "run_steps", lambda *a, **k: (ran.append(k["desc"]), original(*a, **k))[1])
+    changed = tiny_config(disposal=tiny_config().disposal.__class__(**{
+        **tiny_config().disposal.__dict__, "gc_lambda": 0.5, "methods": ("gc",)}))
+    dtl.run(changed, tmp_path, quiet=True)
+    assert "pretrain" not in ran and "transfer" not in ran
+    assert "disposal gc" in ran and "piggyback gc" in ran and "piggyback tl" not in ran
