@@ -57,11 +57,10 @@ def test_empty_task_and_unwritable_workdir(capsys, tmp_path):
             (root / split / name).mkdir(parents=True)
             for i in range(3):
                 Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(root / split / name / f"{i}.png")
-    folder = ["--set", "data.source.dataset=folder", "--set", f"data.source.root={root}",
-              "--set", "data.source.classes=1", "--set", "data.target.classes=5,6", "--set", "data.image_size=4", "--set", "disposal.num_chunks=2"]
-    line = _error_line(capsys, ["run", *TINY, *folder, "--workdir", str(tmp_path / "w")])
+    line = _error_line(capsys, ["run", *TINY, "--set", "data.source.classes=1", "--workdir", str(tmp_path / "w")])
     assert "needs at least 2 classes" in line
-    folder[-5] = "data.source.classes=0,1"
+    folder = ["--set", "data.source.dataset=folder", "--set", f"data.source.root={root}",
+              "--set", "data.source.classes=0,1", "--set", "disposal.num_chunks=2"]
     line = _error_line(capsys, ["run", *TINY, *folder, "--workdir", str(tmp_path / "w")])
     assert "test/ holds no images" in line
     blocker = tmp_path / "file"
