@@ -12,7 +12,8 @@ Both are functions ``φ(g_1..g_K)`` of the chunk gradients, so by the chain rule
 
 (for GC ``v_k = 2(G − g_k)/(K(K-1))``; for NGC ``v_k = 2(I − u_k u_kᵀ)(U − u_k) / (K(K-1) n_k)``).
 The rule is attached with ``jax.custom_vjp``: the forward pass computes the ``K`` chunk gradients, the
-backward pass one Hessian-vector product per chunk, forward-over-reverse (``jax.jvp`` of ``jax.grad``).
+backward pass one Hessian-vector product per chunk, forward-over-reverse (``jax.linearize`` or
+``jax.jvp`` of ``jax.grad``).
 No Hessian is materialised and nothing is differentiated reverse-over-reverse.
 
 Chunks are contiguous slices of the batch: chunk ``k`` is ``batch[k*B/K:(k+1)*B/K]``. Arrange the batch
@@ -78,35 +79,48 @@ def _zero_cotangent(x):
     return np.zeros(x.shape, dtype=jax.dtypes.float0)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _collision(loss_fn, normalized, eps, params, chunks, consts):
-    value, _ = _collision_fwd(loss_fn, normalized, eps, params, chunks, consts)
+HVP_MODES = ("jvp", "linearize")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _collision(loss_fn, normalized, eps, hvp, params, chunks, consts):
+    value, _ = _collision_fwd(loss_fn, normalized, eps, hvp, params, chunks, consts)
     return value
 
 
-def _chunk_grads(loss_fn, params, chunks, consts):
-    num_chunks = jax.tree.leaves(chunks)[0].shape[0]
+def _chunk(chunks, k):
+    return jax.tree.map(lambda x: x[k], chunks)
+
+
+def _collision_fwd(loss_fn, normalized, eps, hvp, params, chunks, consts):
     grad_fn = jax.grad(loss_fn)
-    return [
-        grad_fn(params, jax.tree.map(lambda x, k=k: x[k], chunks), *consts) for k in range(num_chunks)
-    ]
-
-
-def _collision_fwd(loss_fn, normalized, eps, params, chunks, consts):
-    grads = _chunk_grads(loss_fn, params, chunks, consts)
+    num_chunks = jax.tree.leaves(chunks)[0].shape[0]
+    if hvp == "linearize":
+        # g_k and the linear map v -> H_k v from one forward-over-reverse pass; the map's residuals
+        # (activations and their tangents' coefficients) are kept for the backward pass.
+        pairs = [
+            jax.linearize(lambda p, c=_chunk(chunks, k): grad_fn(p, c, *consts), params) for k in range(num_chunks)
+        ]
+        grads, residual = [g for g, _ in pairs], [lin for _, lin in pairs]
+    else:  # "jvp": keep only the inputs, recompute the gradient inside the backward pass's jvp
+        grads = [grad_fn(params, _chunk(chunks, k), *consts) for k in range(num_chunks)]
+        residual = params
     value, directions = jax.value_and_grad(pairwise_collision)(grads, normalized, eps)
-    return value, (params, chunks, consts, directions)
+    return value, (residual, chunks, consts, directions)
 
 
-def _collision_bwd(loss_fn, normalized, eps, residuals, cotangent):
+def _collision_bwd(loss_fn, normalized, eps, hvp, residuals, cotangent):
     del normalized, eps
-    params, chunks, consts, directions = residuals
+    residual, chunks, consts, directions = residuals
     grad_fn = jax.grad(loss_fn)
     total = None
     for k, direction in enumerate(directions):
-        chunk = jax.tree.map(lambda x, k=k: x[k], chunks)
-        _, hvp = jax.jvp(lambda p, c=chunk: grad_fn(p, c, *consts), (params,), (direction,))
-        total = hvp if total is None else jax.tree.map(jnp.add, total, hvp)
+        if hvp == "linearize":
+            product = residual[k](direction)
+        else:
+            chunk = _chunk(chunks, k)
+            _, product = jax.jvp(lambda p, c=chunk: grad_fn(p, c, *consts), (residual,), (direction,))
+        total = product if total is None else jax.tree.map(jnp.add, total, product)
     params_ct = jax.tree.map(lambda h: (cotangent * h).astype(h.dtype), total)
     return params_ct, jax.tree.map(_zero_cotangent, chunks), jax.tree.map(_zero_cotangent, consts)
 
@@ -122,6 +136,7 @@ def gc_loss(
     *,
     normalized: bool = False,
     eps: float = 1e-12,
+    hvp: str = "jvp",
 ) -> jax.Array:
     """Gradient Collision loss (METHODS.md §1.1); NGC with ``normalized=True``.
 
@@ -136,6 +151,11 @@ def gc_loss(
       normalized: ``False`` for GC (mean pairwise inner product of chunk gradients), ``True`` for NGC
         (mean pairwise cosine).
       eps: NGC's guard, ``u_k = g_k / sqrt(||g_k||² + eps)``; unused by GC.
+      hvp: how the Hessian-vector products are formed, both forward-over-reverse. ``"jvp"`` (default):
+        ``jax.jvp`` of ``∇ℓ_k`` in the backward pass, recomputing the chunk's forward pass.
+        ``"linearize"``: ``jax.linearize`` of ``∇ℓ_k`` in the forward pass gives ``g_k`` and the map
+        ``v ↦ H_k v`` for the backward pass; it keeps every chunk's linearisation in memory and measured
+        slower on CPU (``benchmarks/gc_step.py``: 2.8x a plain step against 1.7x for ``"jvp"``).
 
     Returns:
       A scalar. ``jax.grad`` of it costs ``K`` chunk gradients plus ``K`` forward-over-reverse
@@ -148,7 +168,8 @@ def gc_loss(
     >>> float(gc_loss(loss, jnp.ones(4), batch, 2))  # g_1 = [1,1,0,0], g_2 = [0,0,1,1]: orthogonal
     0.0
     """
+    if hvp not in HVP_MODES:
+        raise ValueError(f"hvp={hvp!r}: expected one of {', '.join(HVP_MODES)}")
     chunks = split_chunks(batch, num_chunks)
-    example = jax.tree.map(lambda x: x[0], chunks)
-    closed, consts = jax.closure_convert(loss_fn, params, example)
-    return _collision(closed, bool(normalized), float(eps), params, chunks, tuple(consts))
+    closed, consts = jax.closure_convert(loss_fn, params, _chunk(chunks, 0))
+    return _collision(closed, bool(normalized), float(eps), hvp, params, chunks, tuple(consts))

@@ -43,8 +43,9 @@ def test_value_matches_explicit_pairs(x64, normalized, k):
     np.testing.assert_allclose(got, _explicit(loss, params, batch, k, normalized), rtol=1e-12)
 
 
+@pytest.mark.parametrize("hvp", ["jvp", "linearize"])
 @pytest.mark.parametrize("normalized", [False, True])
-def test_gradient_matches_hessian_reference(x64, normalized):
+def test_gradient_matches_hessian_reference(x64, normalized, hvp):
     """∇GC = Σ_k H_k v_k with H_k from jax.hessian (materialised, tiny model) and v_k = ∂φ/∂g_k."""
     loss, params, batch = _problem()
     k = 4
@@ -54,7 +55,7 @@ def test_gradient_matches_hessian_reference(x64, normalized):
     grads = [jax.grad(fn)(flat0) for fn in chunk_loss]
     directions = jax.grad(lambda gs: pairwise_collision(gs, normalized))(grads)
     expected = sum(jax.hessian(fn)(flat0) @ v for fn, v in zip(chunk_loss, directions))
-    got = _flat(jax.grad(lambda p: gc_loss(loss, p, batch, k, normalized=normalized))(params))
+    got = _flat(jax.grad(lambda p: gc_loss(loss, p, batch, k, normalized=normalized, hvp=hvp))(params))
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-12)
     assert np.max(np.abs(got - expected)) / np.max(np.abs(expected)) < 1e-5
 
@@ -95,6 +96,9 @@ def test_jit_agrees_with_eager_and_closure_over_traced_values():
     eager = jax.value_and_grad(outer)(params, jnp.float32(2.0))
     jitted = jax.jit(jax.value_and_grad(outer))(params, jnp.float32(2.0))
     chex.assert_trees_all_close(eager, jitted, rtol=1e-5)
+    linearized = jax.jit(jax.value_and_grad(lambda p, s: gc_loss(lambda q, b: s * loss(q, b), p, batch, 4,
+                                                                  hvp="linearize")))(params, jnp.float32(2.0))
+    chex.assert_trees_all_close(eager, linearized, rtol=1e-5)
     # scale enters GC quadratically: GC(2·loss) = 4·GC(loss)
     np.testing.assert_allclose(eager[0], 4 * gc_loss(loss, params, batch, 4), rtol=1e-5)
 
