@@ -76,9 +76,15 @@ def measure(model: str, batch_size: int, num_chunks: int, image_size: int, repea
     plain_again, params = _median_ms(plain, params, batch, repeats)  # drift check on a noisy machine
     plain_ms = min(plain_ms, plain_again)
     return {
-        "model": model, "batch": batch_size, "num_chunks": num_chunks, "image_size": image_size,
-        "plain_ms": plain_ms, "gc_ms": gc_ms, "ratio": {m: t / plain_ms for m, t in gc_ms.items()},
-        "device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
+        "model": model,
+        "batch": batch_size,
+        "num_chunks": num_chunks,
+        "image_size": image_size,
+        "plain_ms": plain_ms,
+        "gc_ms": gc_ms,
+        "ratio": {m: t / plain_ms for m, t in gc_ms.items()},
+        "device": str(jax.devices()[0].device_kind),
+        "jax": jax.__version__,
     }
 
 
@@ -94,9 +100,11 @@ def main() -> None:
     result = measure(args.model, args.batch, args.chunks, args.image_size, args.repeats)
     print(f"{'model':<8}{'batch':>6}{'K':>4}{'hvp':>11}{'plain ms':>10}{'GC ms':>10}{'GC/plain':>10}")
     for mode in HVP_MODES:
-        print(f"{result['model']:<8}{result['batch']:>6}{result['num_chunks']:>4}{mode:>11}"
-              f"{result['plain_ms']:>10.1f}{result['gc_ms'][mode]:>10.1f}{result['ratio'][mode]:>10.2f}"
-              f"   ({result['device']})")
+        print(
+            f"{result['model']:<8}{result['batch']:>6}{result['num_chunks']:>4}{mode:>11}"
+            f"{result['plain_ms']:>10.1f}{result['gc_ms'][mode]:>10.1f}{result['ratio'][mode]:>10.2f}"
+            f"   ({result['device']})"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

@@ -9,7 +9,7 @@ From an image folder instead (e.g. the JPEG tree ``cifar10/{train,test}/<class>/
 import dataclasses
 import os
 
-from dtl_jax.config import Config, DataConfig, TaskConfig
+from dtl_jax.config import Config, TaskConfig
 
 
 def get_config() -> Config:

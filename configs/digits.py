@@ -5,7 +5,7 @@ Digits leaves piggyback learning no headroom (shared notes): use it to check the
 
 import dataclasses
 
-from dtl_jax.config import Config, DataConfig, DisposalConfig, ModelConfig, OptimConfig, TaskConfig
+from dtl_jax.config import Config, DataConfig, ModelConfig, OptimConfig, TaskConfig
 
 
 def get_config() -> Config:

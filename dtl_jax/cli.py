@@ -41,8 +41,14 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     run.add_argument("config", nargs="?", default=None, help="config file with get_config() (default: built-in)")
-    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a config key, e.g. --set disposal.num_chunks=4 (repeatable)")
+    run.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set disposal.num_chunks=4 (repeatable)",
+    )
     run.add_argument("--workdir", default=None, help="where checkpoints and results.json go (default: runs/default)")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser

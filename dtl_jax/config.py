@@ -135,9 +135,7 @@ def _parse(text: str, annotation: Any, key: str) -> Any:
         if annotation is float:
             return float(text)
     except ValueError:
-        raise UserError(
-            f"--set {key}={text}: expected a value of type {annotation.__name__}"
-        ) from None
+        raise UserError(f"--set {key}={text}: expected a value of type {annotation.__name__}") from None
     return text
 
 
@@ -254,8 +252,7 @@ def validate(config: Config) -> Config:
         raise UserError(f"disposal.num_chunks={d.num_chunks}: expected at least 2 (GC compares chunk pairs)")
     if d.source_batch_size % d.num_chunks:
         raise UserError(
-            f"disposal.source_batch_size={d.source_batch_size} is not divisible by "
-            f"disposal.num_chunks={d.num_chunks}"
+            f"disposal.source_batch_size={d.source_batch_size} is not divisible by disposal.num_chunks={d.num_chunks}"
         )
     _positive("disposal.steps", d.steps, allow_zero=True)
     _positive("disposal.eval_every", d.eval_every)

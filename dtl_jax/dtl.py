@@ -171,7 +171,13 @@ def refit_source_head(exp: Experiment, tl: dict) -> dict:
     """Optional (``disposal.refit_source_head``): re-fit the stale source head on frozen TL features."""
     c = exp.config
     variables, _, _ = _supervised(
-        exp, "refit source head", tl, exp.source, "source", c.transfer, heads_trainable("source", backbone=False),
+        exp,
+        "refit source head",
+        tl,
+        exp.source,
+        "source",
+        c.transfer,
+        heads_trainable("source", backbone=False),
         c.seed + 21,
     )
     return variables
@@ -225,7 +231,13 @@ def dispose(exp: Experiment, method: str, tl: dict) -> tuple[dict, dict]:
         return False
 
     state, history, halted_at = run_steps(
-        step, state, batches, d.steps, desc=f"disposal {method}", every=d.eval_every, on_check=on_check,
+        step,
+        state,
+        batches,
+        d.steps,
+        desc=f"disposal {method}",
+        every=d.eval_every,
+        on_check=on_check,
         quiet=exp.quiet,
     )
     if halted_at is None and stopped["at"] is None:
@@ -277,8 +289,12 @@ def piggyback_learning(exp: Experiment, name: str, variables: dict, identity: st
     pl_vars, history, halted_at = _supervised(
         exp, f"piggyback {name}", pl_vars, exp.piggyback, "piggyback", c.piggyback, None, c.seed + 42, on_epoch
     )
-    meta = {"pl_curve": curve, "pl_acc": curve[-1] if curve else float("nan"), "halted_at": halted_at,
-            "seconds": time.perf_counter() - start}
+    meta = {
+        "pl_curve": curve,
+        "pl_acc": curve[-1] if curve else float("nan"),
+        "halted_at": halted_at,
+        "seconds": time.perf_counter() - start,
+    }
     checkpoint.save(directory, pl_vars, meta)
     return meta
 
@@ -310,7 +326,8 @@ def run(config: Config, workdir: str | os.PathLike | None = None, *, quiet: bool
     tl = transfer(exp, pretrained)
     tl_id = exp.checkpoint_dir("transfer", c.seed, c.data, c.model, c.pretrain, c.transfer).name
     random_init = exp.network.init(
-        jax.random.PRNGKey(c.seed + 51), exp.image_shape,
+        jax.random.PRNGKey(c.seed + 51),
+        exp.image_shape,
         {"source": exp.source.num_classes, "target": exp.target.num_classes},
     )
     models = {"random_init": (random_init, f"random-init-{c.seed}"), "tl": (tl, tl_id)}
@@ -318,8 +335,10 @@ def run(config: Config, workdir: str | os.PathLike | None = None, *, quiet: bool
     for method in c.disposal.methods:
         variables, meta = dispose(exp, method, tl)
         disposal[method] = meta
-        models[method] = (variables, exp.checkpoint_dir(
-            f"disposal-{method}", c.seed, c.data, c.model, c.pretrain, c.transfer, c.disposal).name)
+        models[method] = (
+            variables,
+            exp.checkpoint_dir(f"disposal-{method}", c.seed, c.data, c.model, c.pretrain, c.transfer, c.disposal).name,
+        )
     results = {"models": {}, "disposal": {}}
     for name, (variables, identity) in models.items():
         row = evaluate_model(exp, variables)
@@ -376,7 +395,12 @@ def _jsonable(x):
     return x
 
 
-TABLE_COLUMNS = (("target_acc", "target acc"), ("source_acc", "source acc"), ("pl_acc", "PL acc"), ("mia_acc", "MIA acc"))
+TABLE_COLUMNS = (
+    ("target_acc", "target acc"),
+    ("source_acc", "source acc"),
+    ("pl_acc", "PL acc"),
+    ("mia_acc", "MIA acc"),
+)
 
 
 def format_table(results: dict) -> str:

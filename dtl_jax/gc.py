@@ -59,6 +59,10 @@ def _vdot(a: PyTree, b: PyTree) -> jax.Array:
     return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
 
 
+def _scale(tree: PyTree, factor: jax.Array) -> PyTree:
+    return jax.tree.map(lambda x: x * factor, tree)
+
+
 def pairwise_collision(grads: list[PyTree], normalized: bool = False, eps: float = 1e-12) -> jax.Array:
     """``φ(g_1..g_K)``: mean pairwise inner product (GC) or cosine (NGC) of the chunk gradients.
 
@@ -66,7 +70,7 @@ def pairwise_collision(grads: list[PyTree], normalized: bool = False, eps: float
     """
     k = len(grads)
     if normalized:
-        grads = [jax.tree.map(lambda x, n=jnp.sqrt(_vdot(g, g) + eps): x / n, g) for g in grads]
+        grads = [_scale(g, 1.0 / jnp.sqrt(_vdot(g, g) + eps)) for g in grads]
     total = jax.tree.map(lambda *xs: sum(xs), *grads)
     off_diagonal = _vdot(total, total) - sum(_vdot(g, g) for g in grads)
     return off_diagonal / (k * (k - 1))
@@ -92,15 +96,17 @@ def _chunk(chunks, k):
     return jax.tree.map(lambda x: x[k], chunks)
 
 
+def _linearized_grad(grad_fn, params, chunk, consts):
+    return jax.linearize(lambda p: grad_fn(p, chunk, *consts), params)
+
+
 def _collision_fwd(loss_fn, normalized, eps, hvp, params, chunks, consts):
     grad_fn = jax.grad(loss_fn)
     num_chunks = jax.tree.leaves(chunks)[0].shape[0]
     if hvp == "linearize":
         # g_k and the linear map v -> H_k v from one forward-over-reverse pass; the map's residuals
         # (activations and their tangents' coefficients) are kept for the backward pass.
-        pairs = [
-            jax.linearize(lambda p, c=_chunk(chunks, k): grad_fn(p, c, *consts), params) for k in range(num_chunks)
-        ]
+        pairs = [_linearized_grad(grad_fn, params, _chunk(chunks, k), consts) for k in range(num_chunks)]
         grads, residual = [g for g, _ in pairs], [lin for _, lin in pairs]
     else:  # "jvp": keep only the inputs, recompute the gradient inside the backward pass's jvp
         grads = [grad_fn(params, _chunk(chunks, k), *consts) for k in range(num_chunks)]

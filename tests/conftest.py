@@ -7,7 +7,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import pytest  # noqa: E402
 
-from dtl_jax.config import Config, DataConfig, DisposalConfig, ModelConfig, OptimConfig, TaskConfig  # noqa: E402
+from dtl_jax.config import Config, DataConfig, ModelConfig, OptimConfig, TaskConfig  # noqa: E402
 
 
 def tiny_config(**changes) -> Config:

@@ -15,10 +15,29 @@ from dtl_jax import cli, dtl
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = [
-    "--set", "data.source.dataset=digits", "--set", "data.target.dataset=digits", "--set", "data.image_size=0",
-    "--set", "data.channels=1", "--set", "model.name=mlp", "--set", "model.widths=16",
-    "--set", "pretrain.epochs=1", "--set", "transfer.epochs=1", "--set", "disposal.steps=2",
-    "--set", "piggyback.epochs=1", "--set", "data.piggyback_per_class=2", "--quiet",
+    "--set",
+    "data.source.dataset=digits",
+    "--set",
+    "data.target.dataset=digits",
+    "--set",
+    "data.image_size=0",
+    "--set",
+    "data.channels=1",
+    "--set",
+    "model.name=mlp",
+    "--set",
+    "model.widths=16",
+    "--set",
+    "pretrain.epochs=1",
+    "--set",
+    "transfer.epochs=1",
+    "--set",
+    "disposal.steps=2",
+    "--set",
+    "piggyback.epochs=1",
+    "--set",
+    "data.piggyback_per_class=2",
+    "--quiet",
 ]
 
 
@@ -59,8 +78,16 @@ def test_empty_task_and_unwritable_workdir(capsys, tmp_path):
                 Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(root / split / name / f"{i}.png")
     line = _error_line(capsys, ["run", *TINY, "--set", "data.source.classes=1", "--workdir", str(tmp_path / "w")])
     assert "needs at least 2 classes" in line
-    folder = ["--set", "data.source.dataset=folder", "--set", f"data.source.root={root}",
-              "--set", "data.source.classes=0,1", "--set", "disposal.num_chunks=2"]
+    folder = [
+        "--set",
+        "data.source.dataset=folder",
+        "--set",
+        f"data.source.root={root}",
+        "--set",
+        "data.source.classes=0,1",
+        "--set",
+        "disposal.num_chunks=2",
+    ]
     line = _error_line(capsys, ["run", *TINY, *folder, "--workdir", str(tmp_path / "w")])
     assert "test/ holds no images" in line
     blocker = tmp_path / "file"
@@ -73,7 +100,10 @@ def test_console_script_prints_no_traceback(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
         [sys.executable, "-m", "dtl_jax.cli", "run", "--set", "disposal.gc_lambda=big", "--workdir", str(tmp_path)],
-        capture_output=True, text=True, env=env, timeout=120,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
     )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
@@ -114,8 +144,11 @@ def test_pipeline_end_to_end_and_stage_reuse(tmp_path, monkeypatch):
     monkeypatch.undo()
     original = dtl.run_steps
     monkeypatch.setattr(dtl, "run_steps", lambda *a, **k: (ran.append(k["desc"]), original(*a, **k))[1])
-    changed = tiny_config(disposal=tiny_config().disposal.__class__(**{
-        **tiny_config().disposal.__dict__, "gc_lambda": 0.5, "methods": ("gc",)}))
+    changed = tiny_config(
+        disposal=tiny_config().disposal.__class__(
+            **{**tiny_config().disposal.__dict__, "gc_lambda": 0.5, "methods": ("gc",)}
+        )
+    )
     dtl.run(changed, tmp_path, quiet=True)
     assert "pretrain" not in ran and "transfer" not in ran
     assert "disposal gc" in ran and "piggyback gc" in ran and "piggyback tl" not in ran

@@ -7,8 +7,14 @@ from dtl_jax.config import UserError
 def test_overrides_parse_types_and_nested_keys():
     cfg = C.apply_overrides(
         C.Config(),
-        ["seed=3", "disposal.gc_lambda=0.5", "data.source.classes=1,2,3", "data.flip=false",
-         "disposal.optim.optimizer=adam", "disposal.methods=gc,ngc"],
+        [
+            "seed=3",
+            "disposal.gc_lambda=0.5",
+            "data.source.classes=1,2,3",
+            "data.flip=false",
+            "disposal.optim.optimizer=adam",
+            "disposal.methods=gc,ngc",
+        ],
     )
     assert cfg.seed == 3 and cfg.disposal.gc_lambda == 0.5
     assert cfg.data.source.classes == (1, 2, 3) and cfg.data.flip is False

@@ -1,11 +1,11 @@
 """GC / NGC: values and HVP gradients against independent references (float64)."""
 
 import chex
-from jax.flatten_util import ravel_pytree
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.flatten_util import ravel_pytree
 
 from dtl_jax.gc import gc_loss, pairwise_collision, split_chunks
 
@@ -96,8 +96,9 @@ def test_jit_agrees_with_eager_and_closure_over_traced_values():
     eager = jax.value_and_grad(outer)(params, jnp.float32(2.0))
     jitted = jax.jit(jax.value_and_grad(outer))(params, jnp.float32(2.0))
     chex.assert_trees_all_close(eager, jitted, rtol=1e-5)
-    linearized = jax.jit(jax.value_and_grad(lambda p, s: gc_loss(lambda q, b: s * loss(q, b), p, batch, 4,
-                                                                  hvp="linearize")))(params, jnp.float32(2.0))
+    linearized = jax.jit(
+        jax.value_and_grad(lambda p, s: gc_loss(lambda q, b: s * loss(q, b), p, batch, 4, hvp="linearize"))
+    )(params, jnp.float32(2.0))
     chex.assert_trees_all_close(eager, linearized, rtol=1e-5)
     # scale enters GC quadratically: GC(2·loss) = 4·GC(loss)
     np.testing.assert_allclose(eager[0], 4 * gc_loss(loss, params, batch, 4), rtol=1e-5)

@@ -55,9 +55,7 @@ def heads_trainable(*heads: str, backbone: bool = True):
     def trainable(params):
         return {
             "backbone": jax.tree.map(lambda _: backbone, params["backbone"]),
-            "heads": {
-                name: jax.tree.map(lambda _, n=name: n in heads, head) for name, head in params["heads"].items()
-            },
+            "heads": {name: jax.tree.map(lambda _, n=name: n in heads, head) for name, head in params["heads"].items()},
         }
 
     return trainable
