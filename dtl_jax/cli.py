@@ -51,7 +51,66 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--workdir", default=None, help="where checkpoints and results.json go (default: runs/default)")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    unlearn = sub.add_parser(
+        "unlearn",
+        help="selective unlearning: SURE against the baselines, one table",
+        description="Train (or reuse) the original model, unlearn a forget set with every method, print the table.",
+        epilog=UNLEARN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    unlearn.add_argument("config", nargs="?", default=None, help="config file with get_config() (default: built-in)")
+    unlearn.add_argument("--scenario", choices=("random", "partial_class", "full_class"), default=None)
+    unlearn.add_argument("--methods", default=None, help="comma list, e.g. sure,scrub (default: all nine)")
+    unlearn.add_argument("--forget-fraction", type=float, default=None, help="fraction of the data (random) or class")
+    unlearn.add_argument("--forget-class", type=int, default=None, help="the class to forget (class scenarios)")
+    unlearn.add_argument("--seed", type=int, default=None)
+    unlearn.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set unlearn.sure_alpha=0.5 (repeatable)",
+    )
+    unlearn.add_argument(
+        "--workdir", default=None, help="where checkpoints and results.json go (default: runs/unlearn)"
+    )
+    unlearn.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
+
+
+UNLEARN_EPILOG = """\
+examples:
+  dtl-jax unlearn                                       # embedded CIFAR-10 subset, partial-class scenario
+  dtl-jax unlearn --scenario random --forget-fraction 0.1 --methods retrain,ft,sure
+  dtl-jax unlearn --scenario full_class --forget-class 3 --seed 1
+
+Methods: retrain (oracle), ft, ga, rl, l1_sparse, salun, scrub, boundary_shrink, sure. Columns: UA = 1 -
+forget accuracy, RA = retain accuracy, TA = test accuracy, MIA-efficacy (SVM on confidences, fraction of
+the forget set called non-member), representation MIA (kNN on features, fraction called member), loss-
+threshold MIA accuracy, gap to Retrain, RT = unlearning seconds without compilation, RRT = RT / Retrain's.
+Results: WORKDIR/results.json.
+"""
+
+
+def _unlearn_overrides(args) -> list[str]:
+    out = []
+    if args.scenario is not None:
+        out.append(f"unlearn.scenario={args.scenario}")
+    if args.methods is not None:
+        out.append(f"unlearn.methods={args.methods}")
+    if args.forget_fraction is not None:
+        if not 0.0 < args.forget_fraction < 1.0:
+            from dtl_jax.config import UserError
+
+            raise UserError(f"--forget-fraction {args.forget_fraction}: expected a fraction in (0, 1)")
+        out.append(f"unlearn.forget_fraction={args.forget_fraction}")
+    if args.forget_class is not None:
+        out.append(f"unlearn.forget_class={args.forget_class}")
+    if args.seed is not None:
+        out.append(f"seed={args.seed}")
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,18 +125,26 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         config = config_lib.load(args.config)
-        config = config_lib.validate(config_lib.apply_overrides(config, args.overrides))
-        from dtl_jax import dtl
+        if args.command == "unlearn":
+            overrides = _unlearn_overrides(args) + args.overrides
+            config = config_lib.validate(config_lib.apply_overrides(config, overrides))
+            from dtl_jax.unlearn import runner as module
 
-        results = dtl.run(config, args.workdir or config.workdir, quiet=args.quiet)
+            workdir = args.workdir or os.path.join(os.path.dirname(config.workdir) or ".", "unlearn")
+        else:
+            config = config_lib.validate(config_lib.apply_overrides(config, args.overrides))
+            from dtl_jax import dtl as module
+
+            workdir = args.workdir or config.workdir
+        results = module.run(config, workdir, quiet=args.quiet)
     except UserError as err:
         print(f"dtl-jax: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("dtl-jax: interrupted; finished stages are checkpointed and will be reused", file=sys.stderr)
         return 130
-    print(dtl.format_table(results))
-    print(f"\nresults: {os.path.join(args.workdir or config.workdir, 'results.json')}  ({results['seconds']:.0f} s)")
+    print(module.format_table(results))
+    print(f"\nresults: {os.path.join(workdir, 'results.json')}  ({results['seconds']:.0f} s)")
     return 0
 
 

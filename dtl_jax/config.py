@@ -92,6 +92,34 @@ class DisposalConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class UnlearnConfig:
+    """Selective unlearning (METHODS.md §2): one task, a forget set, SURE and the baselines."""
+
+    task: TaskConfig = TaskConfig(dataset="embedded")
+    scenario: str = "partial_class"  # random | partial_class | full_class
+    forget_fraction: float = 0.0  # 0 = the scenario's default: random 0.1 of the training set, partial 0.5
+    forget_class: int = 0
+    methods: tuple[str, ...] = (
+        "retrain", "ft", "ga", "rl", "l1_sparse", "salun", "scrub", "boundary_shrink", "sure",
+    )  # fmt: skip
+    original: OptimConfig = OptimConfig(epochs=20)  # the original model, and Retrain's budget
+    optim: OptimConfig = OptimConfig(optimizer="sgd", learning_rate=0.01, epochs=5)  # every unlearning method
+    ga_learning_rate: float = 1e-4  # GA is unstable at the shared learning rate
+    l1_alpha: float = 5e-4  # L1-sparse: α_0, decayed linearly to 0
+    salun_sparsity: float = 0.5  # SalUn: fraction of weights updated (top |∇(-CE on D_f)|)
+    scrub_max_epochs: int = 2  # SCRUB: epochs with a max-step (m)
+    scrub_learning_rate: float = 5e-4  # SCRUB's reference learning rate (its max-steps diverge at 0.01)
+    scrub_gamma: float = 0.99  # SCRUB: CE weight in min-steps
+    scrub_alpha: float = 0.001  # SCRUB: KL weight in min-steps
+    kd_temperature: float = 4.0  # SCRUB's KL temperature
+    boundary_step: float = 0.1  # Boundary shrink: FGSM step on normalised inputs
+    sure_alpha: float = 1.0  # SURE: α_max of the gradient reversal
+    sure_schedule: str = "dann"  # dann (warm-up) | constant
+    sure_domain_width: int = 64  # SURE: hidden width of the domain classifier G_d
+    sure_domain_weight: float = 1.0  # SURE: weight of the domain BCE
+
+
+@dataclasses.dataclass(frozen=True)
 class EvalConfig:
     batch_size: int = 500
 
@@ -107,6 +135,7 @@ class Config:
     disposal: DisposalConfig = DisposalConfig()
     piggyback: OptimConfig = OptimConfig(optimizer="sgd", learning_rate=0.01, epochs=30, batch_size=32)
     eval: EvalConfig = EvalConfig()
+    unlearn: UnlearnConfig = UnlearnConfig()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -212,6 +241,8 @@ DISPOSAL_METHODS = ("gc", "ngc", "rtf", "utf", "ga")
 RETAIN_LOSSES = ("tgt_kd", "src_kd", "ce")
 CHUNKINGS = ("by_class", "random")
 GC_PARAMS = ("backbone_source", "backbone", "all")
+SCENARIOS = ("random", "partial_class", "full_class")
+UNLEARN_METHODS = ("retrain", "ft", "ga", "rl", "l1_sparse", "salun", "scrub", "boundary_shrink", "sure")
 
 
 def _one_of(key: str, value: Any, allowed: tuple) -> None:
@@ -263,6 +294,17 @@ def validate(config: Config) -> Config:
     if not 0.0 <= data.val_fraction < 1.0:
         raise UserError(f"data.val_fraction={data.val_fraction}: expected a fraction in [0, 1)")
     _one_of("data.channels", data.channels, (1, 3))
+    u = config.unlearn
+    _one_of("unlearn.scenario", u.scenario, SCENARIOS)
+    for method in u.methods:
+        _one_of("unlearn.methods", method, UNLEARN_METHODS)
+    if not 0.0 <= u.forget_fraction < 1.0:
+        raise UserError(f"unlearn.forget_fraction={u.forget_fraction}: expected a fraction in (0, 1)")
+    _one_of("unlearn.sure_schedule", u.sure_schedule, ("dann", "constant"))
+    if not 0.0 < u.salun_sparsity <= 1.0:
+        raise UserError(f"unlearn.salun_sparsity={u.salun_sparsity}: expected a fraction in (0, 1]")
+    _validate_optim("unlearn.original", u.original)
+    _validate_optim("unlearn.optim", u.optim)
     _positive("data.std", data.std)
     _positive("data.image_size", data.image_size, allow_zero=True)
     return config

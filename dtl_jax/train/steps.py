@@ -30,6 +30,9 @@ Step = Callable
 
 
 def init_state(variables: dict, tx: optax.GradientTransformation, seed: int) -> dict:
+    """A fresh train state over a *copy* of ``variables`` (steps donate the state, the caller keeps its
+    arrays)."""
+    variables = jax.tree.map(jnp.array, variables)
     return {
         "params": variables["params"],
         "batch_stats": variables["batch_stats"],
@@ -79,6 +82,27 @@ def supervised_step(network: Network, head: str, tx, max_grad_norm: float = math
         (loss, (stats, acc)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
         new, metrics = _guarded_update(state, grads, loss, stats, state["rng"], tx, max_grad_norm)
         return new, {**metrics, "accuracy": acc}
+
+    return jax.jit(step, donate_argnums=0)
+
+
+def custom_step(loss_fn: Callable, tx, max_grad_norm: float = math.inf, project: Callable | None = None) -> Step:
+    """A step for any loss: ``step(state, aux, *batches)``.
+
+    ``loss_fn(params, batch_stats, key, aux, *batches) -> (loss, (batch_stats, metrics))``; ``aux`` is a
+    per-call pytree that is not donated (a schedule value, a mask, reference weights). ``project(params,
+    aux)``, if given, is applied to the updated parameters (e.g. SalUn keeps masked weights at their
+    original values).
+    """
+
+    def step(state, aux, *batches):
+        rng, key = jax.random.split(state["rng"])
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (loss, (stats, metrics)), grads = grad_fn(state["params"], state["batch_stats"], key, aux, *batches)
+        new, out = _guarded_update(state, grads, loss, stats, rng, tx, max_grad_norm)
+        if project is not None:
+            new["params"] = project(new["params"], aux)
+        return new, {**out, **metrics}
 
     return jax.jit(step, donate_argnums=0)
 

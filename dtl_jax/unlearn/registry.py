@@ -1,0 +1,102 @@
+"""The method registry: a method is one function ``run(ctx) -> variables`` in one file of
+``dtl_jax/unlearn/methods/``, registered with ``@register(name)``. Files there are discovered
+automatically, so adding a method touches one file.
+
+A method receives a ``Context`` (the original model, the scenario splits, the config, helpers to make
+batches, optimisers and to run its jitted step through the shared loop) and returns the unlearned model's
+variables ``{"params", "batch_stats"}`` with the classifier head ``"classes"``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import pkgutil
+from collections.abc import Callable, Iterator
+
+import numpy as np
+
+from dtl_jax.config import Config, OptimConfig
+from dtl_jax.data import pipeline
+from dtl_jax.data.sources import ImageSplit
+from dtl_jax.models import Network
+from dtl_jax.train import steps
+from dtl_jax.train.loop import run_steps
+from dtl_jax.train.optim import make_optimizer
+from dtl_jax.unlearn.scenario import Scenario
+
+HEAD = "classes"
+METHODS: dict[str, Callable] = {}
+
+
+def register(name: str) -> Callable:
+    def wrap(fn: Callable) -> Callable:
+        if name in METHODS:
+            raise ValueError(f"unlearning method {name!r} registered twice")
+        METHODS[name] = fn
+        return fn
+
+    return wrap
+
+
+def load_methods() -> dict[str, Callable]:
+    from dtl_jax.unlearn import methods
+
+    for info in pkgutil.iter_modules(methods.__path__):
+        importlib.import_module(f"{methods.__name__}.{info.name}")
+    return METHODS
+
+
+@dataclasses.dataclass
+class Context:
+    config: Config
+    network: Network
+    scenario: Scenario
+    original: dict
+    seed: int
+    quiet: bool = False
+    history: list = dataclasses.field(default_factory=list)
+
+    @property
+    def u(self):
+        return self.config.unlearn
+
+    def batches(self, split: ImageSplit, batch_size: int | None = None, seed: int = 0, flip: bool | None = None):
+        d = self.config.data
+        return pipeline.shuffled_batches(
+            split, batch_size or self.u.optim.batch_size, self.seed + seed, mean=d.mean, std=d.std,
+            flip=d.flip if flip is None else flip,
+        )  # fmt: skip
+
+    def steps_per_epoch(self, split: ImageSplit, batch_size: int | None = None) -> int:
+        return pipeline.steps_per_epoch(split, batch_size or self.u.optim.batch_size)
+
+    def optimizer(self, total_steps: int, learning_rate: float | None = None, optim: OptimConfig | None = None):
+        optim = optim or self.u.optim
+        if learning_rate is not None:
+            optim = dataclasses.replace(optim, learning_rate=learning_rate)
+        return make_optimizer(optim, total_steps)
+
+    def train(self, step, variables: dict, tx, inputs: Iterator[tuple], num_steps: int, desc: str) -> dict:
+        """Runs ``step`` (a ``steps.custom_step`` or ``steps.supervised_step``) ``num_steps`` times from
+        ``variables`` through the shared loop; returns the final variables."""
+        state = steps.init_state(variables, tx, self.seed + 7)
+        state, history, halted_at = run_steps(step, state, inputs, num_steps, desc=desc, quiet=self.quiet)
+        self.history.append({"desc": desc, "steps": len(history), "halted_at": halted_at,
+                             "last_loss": history[-1]["loss"] if history else None})  # fmt: skip
+        return steps.variables_of(state)
+
+    def random_labels(self, split: ImageSplit, seed: int) -> ImageSplit:
+        """``split`` with labels drawn uniformly at random (RL, SalUn)."""
+        rng = np.random.default_rng(self.seed + seed)
+        return ImageSplit(split.images, rng.integers(0, self.scenario.num_classes, len(split)).astype(np.int32))
+
+
+def cycle(*streams: Iterator) -> Iterator[tuple]:
+    """Zips endless batch streams into the tuples a step takes."""
+    return zip(*streams)
+
+
+def constant(value) -> Iterator:
+    while True:
+        yield value

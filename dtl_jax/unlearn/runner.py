@@ -1,0 +1,126 @@
+"""``dtl-jax unlearn``: train (or reuse) the original model, run every method, measure, tabulate.
+
+RT is the wall time of a method's run minus the time JAX spent tracing and compiling during it (read
+from ``jax.monitoring``'s compile events); the compile time is reported beside it as ``compile_s``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import jax
+from jax import monitoring
+
+from dtl_jax import checkpoint
+from dtl_jax.config import Config, validate
+from dtl_jax.data.tasks import make_task
+from dtl_jax.dtl import _check_workdir, _fingerprint, _versions, write_json
+from dtl_jax.evaluate import predict
+from dtl_jax.models import build
+from dtl_jax.train import steps
+from dtl_jax.train.optim import make_optimizer
+from dtl_jax.unlearn.metrics import gap_to_oracle, unlearning_metrics
+from dtl_jax.unlearn.registry import HEAD, Context, load_methods
+from dtl_jax.unlearn.scenario import make_scenario
+
+_COMPILE_SECONDS = [0.0]
+
+
+def _on_event(name: str, seconds: float, **_) -> None:
+    if name.startswith("/jax/core/compile/"):
+        _COMPILE_SECONDS[0] += seconds
+
+
+monitoring.register_event_duration_secs_listener(_on_event)
+
+
+def _outputs(network, variables, scenario, config) -> dict:
+    fn = steps.predict_fn(network, HEAD)
+    d = config.data
+    out = {}
+    for name in ("forget", "retain", "test"):
+        split = getattr(scenario, name)
+        logits, features = predict(fn, variables, split, batch_size=config.eval.batch_size, mean=d.mean, std=d.std)
+        out[name] = (logits, features, split.labels)
+    return out
+
+
+def run(config: Config, workdir, *, quiet: bool = False) -> dict:
+    config = validate(config)
+    workdir = Path(workdir)
+    _check_workdir(workdir)
+    start = time.perf_counter()
+    u, d = config.unlearn, config.data
+    task = make_task("unlearn", u.task, d, config.seed)
+    scenario = make_scenario(task, u, d.val_fraction, config.seed)
+    network = build(config.model)
+    shape = tuple(scenario.retain.images.shape[1:])
+    scenario_key = (config.seed, d, config.model, u.task, u.scenario, u.forget_fraction, u.forget_class)
+
+    # The original model: trained on D_r ∪ D_f.
+    original_dir = workdir / "checkpoints" / f"unlearn-original-{_fingerprint(*scenario_key, u.original)}"
+    variables = network.init(jax.random.PRNGKey(config.seed), shape, {HEAD: scenario.num_classes})
+    if checkpoint.exists(original_dir):
+        original = checkpoint.restore(original_dir, variables)[0]
+    else:
+        ctx = Context(config, network, scenario, variables, config.seed, quiet)
+        total = ctx.steps_per_epoch(scenario.train, u.original.batch_size) * u.original.epochs
+        tx = make_optimizer(u.original, total)
+        stream = ((b,) for b in ctx.batches(scenario.train, u.original.batch_size, seed=20))
+        original = ctx.train(steps.supervised_step(network, HEAD, tx), variables, tx, stream, total, "original")
+        checkpoint.save(original_dir, original, {"history": ctx.history})
+
+    methods = load_methods()
+    rows = {"original": unlearning_metrics(_outputs(network, original, scenario, config), config.seed)}
+    rows["original"].update(rt_s=0.0, compile_s=0.0)
+    for name in u.methods:
+        method_key = dataclasses.replace(u, methods=())  # the list of methods run does not change one
+        directory = workdir / "checkpoints" / f"unlearn-{name}-{_fingerprint(*scenario_key, method_key)}"
+        if checkpoint.exists(directory):
+            unlearned, meta = checkpoint.restore(directory, original)
+        else:
+            ctx = Context(config, network, scenario, original, config.seed + 1000, quiet)
+            compile_before, t0 = _COMPILE_SECONDS[0], time.perf_counter()
+            unlearned = jax.block_until_ready(methods[name](ctx))
+            wall = time.perf_counter() - t0
+            compile_s = _COMPILE_SECONDS[0] - compile_before
+            meta = {"rt_s": wall - compile_s, "compile_s": compile_s, "history": ctx.history}
+            checkpoint.save(directory, unlearned, meta)
+        row = unlearning_metrics(_outputs(network, unlearned, scenario, config), config.seed)
+        row.update(rt_s=meta["rt_s"], compile_s=meta["compile_s"])
+        rows[name] = row
+    oracle = rows.get("retrain")
+    for row in rows.values():
+        row["gap"] = gap_to_oracle(row, oracle) if oracle else None
+        row["rrt"] = row["rt_s"] / oracle["rt_s"] if oracle and oracle["rt_s"] > 0 else None
+    results = {
+        "methods": rows,
+        "scenario": {
+            "name": scenario.name,
+            "forget_class": u.forget_class if scenario.name != "random" else None,
+            "sizes": {k: len(getattr(scenario, k)) for k in ("forget", "retain", "val", "test")},
+            "indices": scenario.indices,
+        },
+        "config": dataclasses.asdict(config),
+        "versions": _versions(),
+        "seconds": time.perf_counter() - start,
+    }
+    write_json(workdir / "results.json", results)
+    return results
+
+
+COLUMNS = (
+    ("ua", "UA"), ("ra", "RA"), ("ta", "TA"), ("mia_efficacy", "MIA-eff"), ("rep_mia", "rep-MIA"),
+    ("loss_mia", "loss-MIA"), ("gap", "gap"), ("rt_s", "RT (s)"), ("rrt", "RRT"),
+)  # fmt: skip
+
+
+def format_table(results: dict) -> str:
+    header = f"{'method':<16}" + "".join(f"{title:>10}" for _, title in COLUMNS)
+    lines = [header, "-" * len(header)]
+    for name, row in results["methods"].items():
+        cells = "".join(f"{'-':>10}" if row[k] is None else f"{row[k]:>10.3f}" for k, _ in COLUMNS)
+        lines.append(f"{name:<16}" + cells)
+    return "\n".join(lines)

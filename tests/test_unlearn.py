@@ -1,0 +1,210 @@
+"""Selective unlearning: GRL, scenarios, metrics, baselines' effects, the command end to end."""
+
+import dataclasses
+import json
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dtl_jax import cli
+from dtl_jax.config import Config, DataConfig, ModelConfig, OptimConfig, TaskConfig, UnlearnConfig, UserError
+from dtl_jax.data.tasks import make_task
+from dtl_jax.grl import dann_alpha, gradient_reversal
+from dtl_jax.models import build
+from dtl_jax.unlearn import metrics
+from dtl_jax.unlearn.registry import HEAD, Context, load_methods
+from dtl_jax.unlearn.scenario import make_scenario
+
+
+def tiny_unlearn(**changes) -> Config:
+    unlearn = UnlearnConfig(
+        task=TaskConfig(dataset="digits"),
+        original=OptimConfig(learning_rate=0.01, epochs=3, batch_size=32),
+        optim=OptimConfig(optimizer="sgd", learning_rate=0.01, epochs=1, batch_size=32),
+    )
+    config = Config(
+        data=DataConfig(image_size=0, channels=1, flip=False),
+        model=ModelConfig(name="mlp", widths=(32,)),
+        unlearn=dataclasses.replace(unlearn, **changes),
+    )
+    return config
+
+
+# --- gradient reversal --------------------------------------------------------------------------------
+
+
+def test_gradient_reversal_identity_forward_negated_backward():
+    x = jnp.arange(6.0).reshape(2, 3)
+    g = jnp.linspace(-1.0, 1.0, 6).reshape(2, 3)
+    for alpha in (0.0, 0.5, 2.0):
+        chex.assert_trees_all_equal(gradient_reversal(x, alpha), x)
+        _, vjp = jax.vjp(lambda v, a=alpha: gradient_reversal(v, a), x)
+        chex.assert_trees_all_close(vjp(g)[0], -alpha * g)
+
+
+def test_gradient_reversal_under_jit_with_traced_alpha():
+    def loss(w, alpha):
+        features = w * 2.0
+        return jnp.sum(gradient_reversal(features, alpha) ** 2) + jnp.sum(features)
+
+    w = jnp.array([1.0, -3.0])
+    grad = jax.jit(jax.grad(loss))(w, jnp.float32(0.25))
+    # d/dw: reversed branch -0.25 * 2 * features * 2, plus the plain branch 2
+    chex.assert_trees_all_close(grad, -0.25 * 2 * (2 * w) * 2 + 2.0)
+    assert float(jax.jit(dann_alpha)(0.0)) == 0.0 and 0.99 < float(dann_alpha(1.0)) <= 1.0
+
+
+# --- scenarios ----------------------------------------------------------------------------------------
+
+
+def _task(config):
+    return make_task("unlearn", config.unlearn.task, config.data, 0)
+
+
+@pytest.mark.parametrize("scenario", ["random", "partial_class", "full_class"])
+def test_scenarios_are_disjoint_and_seeded(scenario):
+    config = tiny_unlearn(scenario=scenario, forget_class=3)
+    task = _task(config)
+    a = make_scenario(task, config.unlearn, 0.1, seed=0)
+    b = make_scenario(task, config.unlearn, 0.1, seed=0)
+    assert a.indices == b.indices
+    f, v, r = (set(a.indices[k]) for k in ("forget", "val", "retain"))
+    assert not (f & v) and not (f & r) and not (v & r)
+    if scenario != "random":
+        assert set(a.forget.labels) == {3} and set(a.val.labels) == {3}
+    if scenario == "full_class":
+        assert 3 not in set(a.retain.labels) and 3 not in set(a.test.labels)
+    if scenario == "partial_class":
+        assert 3 in set(a.retain.labels)
+        assert abs(len(a.forget) - 0.5 * (np.sum(a.retain.labels == 3) + len(a.forget) + len(a.val))) <= 1
+    if scenario == "random":
+        assert len(a.forget) == len(a.val)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"forget_class": 10}, "outside the 10 classes"),
+        ({"scenario": "random", "forget_fraction": 0.0001}, "empty forget set"),
+        ({"forget_fraction": 0.99}, "too few to hold out a validation set"),
+    ],
+)
+def test_scenario_errors(changes, message):
+    config = tiny_unlearn(**changes)
+    with pytest.raises(UserError, match=message):
+        make_scenario(_task(config), config.unlearn, 0.1, seed=0)
+
+
+def test_cli_errors(capsys, tmp_path):
+    for argv, expected in (
+        (["--methods", "sure,nope"], "unlearn.methods='nope'"),
+        (["--forget-fraction", "1.2"], "--forget-fraction 1.2: expected a fraction in (0, 1)"),
+        (["--forget-class", "-1"], "unlearn.forget_class=-1"),
+    ):
+        code = cli.main(["unlearn", *argv, "--set", "data.image_size=8", "--workdir", str(tmp_path), "--quiet"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and expected in err[0], err
+
+
+# --- metrics ------------------------------------------------------------------------------------------
+
+
+def test_attacks_on_hand_made_inputs():
+    rng = np.random.default_rng(0)
+    members, nonmembers = rng.normal(5, 0.1, (60, 4)), rng.normal(-5, 0.1, (60, 4))
+    assert metrics.representation_mia(members, nonmembers, rng.normal(5, 0.1, (10, 4))) == 1.0
+    assert metrics.representation_mia(members, nonmembers, rng.normal(-5, 0.1, (10, 4))) == 0.0
+    assert metrics.mia_efficacy(np.full(40, 0.99), np.full(40, 0.1), np.full(8, 0.99)) == 0.0
+    # loss-threshold: forget losses far below the retain mean are all called members -> accuracy 1
+    assert metrics.loss_threshold_mia(np.full(10, 1.0), np.full(10, 0.01), np.full(10, 5.0)) == 1.0
+    assert metrics.gap_to_oracle(
+        {"ua": 0.5, "ra": 1.0, "ta": 0.8, "mia_efficacy": 0.2}, {"ua": 0.7, "ra": 1.0, "ta": 0.8, "mia_efficacy": 0.6}
+    ) == pytest.approx(0.15)
+
+
+# --- baselines ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A small MLP trained on the whole digits training pool, and a partial-class scenario."""
+    config = tiny_unlearn(scenario="partial_class", forget_class=2)
+    task = _task(config)
+    scenario = make_scenario(task, config.unlearn, 0.1, seed=0)
+    network = build(config.model)
+    variables = network.init(jax.random.PRNGKey(0), scenario.retain.images.shape[1:], {HEAD: 10})
+    methods = load_methods()
+    ctx = Context(config, network, scenario, variables, 0, quiet=True)
+    everything = dataclasses.replace(scenario, retain=scenario.train)  # Retrain on D_r ∪ D_f = the original
+    original = methods["retrain"](dataclasses.replace(ctx, scenario=everything))
+    return config, network, scenario, original, methods
+
+
+def _forget_acc(network, variables, split):
+    from dtl_jax.data.pipeline import normalize
+
+    logits, _, _ = network.apply(variables, normalize(split.images, 0.5, 0.25), head=HEAD, train=False)
+    return float(np.mean(np.argmax(np.asarray(logits), -1) == split.labels))
+
+
+def test_gradient_ascent_lowers_forget_accuracy(trained):
+    config, network, scenario, original, methods = trained
+    before = _forget_acc(network, original, scenario.forget)
+    u = dataclasses.replace(
+        config.unlearn, ga_learning_rate=0.05, optim=dataclasses.replace(config.unlearn.optim, epochs=3)
+    )
+    ctx = Context(dataclasses.replace(config, unlearn=u), network, scenario, original, 1, quiet=True)
+    after = _forget_acc(network, methods["ga"](ctx), scenario.forget)
+    assert before > 0.5 and after < before - 0.2, (before, after)
+
+
+def test_salun_leaves_masked_weights_bitwise_unchanged(trained):
+    config, network, scenario, original, methods = trained
+    u = dataclasses.replace(
+        config.unlearn, salun_sparsity=0.3, optim=dataclasses.replace(config.unlearn.optim, weight_decay=0.01, epochs=2)
+    )
+    ctx = Context(dataclasses.replace(config, unlearn=u), network, scenario, original, 2, quiet=True)
+    from dtl_jax.unlearn.methods.salun import saliency_mask
+
+    mask = saliency_mask(ctx)
+    fraction = np.mean(np.concatenate([np.asarray(m).ravel() for m in jax.tree.leaves(mask)]))
+    assert fraction == pytest.approx(0.3, abs=0.01)
+    out = methods["salun"](ctx)
+    for m, new, old in zip(jax.tree.leaves(mask), jax.tree.leaves(out["params"]), jax.tree.leaves(original["params"])):
+        m, new, old = np.asarray(m), np.asarray(new), np.asarray(old)
+        np.testing.assert_array_equal(new[~m], old[~m])
+        if m.any():
+            assert not np.array_equal(new[m], old[m])
+
+
+@pytest.mark.parametrize("name", ["ft", "rl", "l1_sparse", "scrub", "boundary_shrink", "sure"])
+def test_each_method_runs_and_changes_the_model(trained, name):
+    config, network, scenario, original, methods = trained
+    ctx = Context(config, network, scenario, original, 3, quiet=True)
+    out = methods[name](ctx)
+    assert set(out["params"]) == set(original["params"])
+    changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), out["params"], original["params"])
+    assert any(jax.tree.leaves(changed))
+    assert _forget_acc(network, out, scenario.retain) > 0.3  # still a classifier
+
+
+def test_unlearn_command_end_to_end(tmp_path, monkeypatch, capsys):
+    from dtl_jax.unlearn import runner
+
+    monkeypatch.setattr("dtl_jax.config.load", lambda path: tiny_unlearn())
+    code = cli.main(["unlearn", "--methods", "retrain,ft,sure", "--workdir", str(tmp_path), "--quiet"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "sure" in out and "RRT" in out
+    saved = json.loads((tmp_path / "results.json").read_text())
+    for name in ("retrain", "ft", "sure"):
+        row = saved["methods"][name]
+        for key in ("ua", "ra", "ta", "mia_efficacy", "rep_mia", "loss_mia", "gap"):
+            assert 0.0 <= row[key] <= 1.0, (name, key, row[key])
+        assert row["rt_s"] > 0 and row["rrt"] > 0
+    assert saved["methods"]["retrain"]["gap"] == 0.0 and saved["methods"]["retrain"]["rrt"] == 1.0
+    assert set(saved["scenario"]["indices"]) == {"forget", "val", "retain"}
+    assert runner.format_table(saved).count("\n") == 5
