@@ -117,6 +117,7 @@ class UnlearnConfig:
     sure_schedule: str = "dann"  # dann (warm-up) | constant
     sure_domain_width: int = 64  # SURE: hidden width of the domain classifier G_d
     sure_domain_weight: float = 1.0  # SURE: weight of the domain BCE
+    sure_domain_batch: int = 16  # SURE: forget + validation examples a step (half each)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -301,6 +302,8 @@ def validate(config: Config) -> Config:
     if not 0.0 <= u.forget_fraction < 1.0:
         raise UserError(f"unlearn.forget_fraction={u.forget_fraction}: expected a fraction in (0, 1)")
     _one_of("unlearn.sure_schedule", u.sure_schedule, ("dann", "constant"))
+    if u.sure_domain_batch < 2 or u.sure_domain_batch % 2:
+        raise UserError(f"unlearn.sure_domain_batch={u.sure_domain_batch}: expected an even number >= 2")
     if not 0.0 < u.salun_sparsity <= 1.0:
         raise UserError(f"unlearn.salun_sparsity={u.salun_sparsity}: expected a fraction in (0, 1]")
     _validate_optim("unlearn.original", u.original)

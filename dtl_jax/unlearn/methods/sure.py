@@ -7,8 +7,9 @@ on the pooled features. One step minimises
 
 with ``R_α`` the gradient reversal layer (``dtl_jax.grl``): ``G_d`` learns to tell forget from validation
 representations while ``G_f`` is pushed to make them indistinguishable. ``α`` follows the DANN warm-up
-(``unlearn.sure_schedule=dann``) or stays at ``unlearn.sure_alpha`` (``constant``). The domain batch is
-half forget, half validation examples, each half as large as the retain batch.
+(``unlearn.sure_schedule=dann``) or stays at ``unlearn.sure_alpha`` (``constant``). The domain batch
+(``unlearn.sure_domain_batch``, default 16) is half forget, half validation examples; it goes through the
+backbone in the same forward pass as the retain batch, so a SURE step costs little more than an FT step.
 """
 
 import flax.linen as nn
@@ -41,6 +42,24 @@ def _domain_batches(ctx: Context, half: int):
         yield {"image": np.concatenate([f["image"], v["image"]]), "domain": domain}
 
 
+def make_loss(network, domain_net: DomainClassifier, domain_weight: float):
+    """SURE's ``loss_fn`` for ``steps.custom_step``: ``aux`` is α, the batches are retain and domain."""
+
+    def loss_fn(params, batch_stats, key, alpha, retain, domain):
+        # one forward pass over retain and domain images together (BatchNorm sees both)
+        n = retain["label"].shape[0]
+        images = jnp.concatenate([retain["image"], domain["image"]])
+        all_logits, all_features, stats = forward(network, params, batch_stats, images)
+        logits, features = all_logits[:n], all_features[n:]
+        classification = losses.cross_entropy(logits, retain["label"])
+        domain_logits = domain_net.apply({"params": params["domain"]}, gradient_reversal(features, alpha))
+        bce = jnp.mean(optax.sigmoid_binary_cross_entropy(domain_logits, domain["domain"]))
+        domain_acc = jnp.mean((domain_logits > 0) == (domain["domain"] > 0.5))
+        return classification + domain_weight * bce, (stats, {"bce": bce, "domain_acc": domain_acc})
+
+    return loss_fn
+
+
 @register("sure")
 def sure(ctx: Context) -> dict:
     network, u = ctx.network, ctx.u
@@ -52,17 +71,9 @@ def sure(ctx: Context) -> dict:
         "batch_stats": ctx.original["batch_stats"],
     }
 
-    def loss_fn(params, batch_stats, key, alpha, retain, domain):
-        logits, _, stats = forward(network, params, batch_stats, retain["image"])
-        classification = losses.cross_entropy(logits, retain["label"])
-        _, features, _ = forward(network, params, stats, domain["image"])
-        domain_logits = domain_net.apply({"params": params["domain"]}, gradient_reversal(features, alpha))
-        bce = jnp.mean(optax.sigmoid_binary_cross_entropy(domain_logits, domain["domain"]))
-        domain_acc = jnp.mean((domain_logits > 0) == (domain["domain"] > 0.5))
-        return classification + u.sure_domain_weight * bce, (stats, {"bce": bce, "domain_acc": domain_acc})
+    loss_fn = make_loss(network, domain_net, u.sure_domain_weight)
 
     retain = ctx.scenario.retain
-    batch = u.optim.batch_size
     total = ctx.steps_per_epoch(retain) * u.optim.epochs
     if u.sure_schedule == "dann":
         alphas = (dann_alpha(t / max(total - 1, 1), u.sure_alpha) for t in range(total))
@@ -70,7 +81,7 @@ def sure(ctx: Context) -> dict:
         alphas = (jnp.float32(u.sure_alpha) for _ in range(total))
     tx = ctx.optimizer(total)
     step = steps.custom_step(loss_fn, tx)
-    inputs = cycle(alphas, ctx.batches(retain, seed=13), _domain_batches(ctx, max(1, batch // 2)))
+    inputs = cycle(alphas, ctx.batches(retain, seed=13), _domain_batches(ctx, u.sure_domain_batch // 2))
     out = ctx.train(step, variables, tx, inputs, total, "sure")
     params = {k: v for k, v in out["params"].items() if k != "domain"}
     return {"params": params, "batch_stats": out["batch_stats"]}
