@@ -168,18 +168,17 @@ def transfer(exp: Experiment, pretrained: dict) -> dict:
 
 
 def refit_source_head(exp: Experiment, tl: dict) -> dict:
-    """Optional (``disposal.refit_source_head``): re-fit the stale source head on frozen TL features."""
+    """Optional (``disposal.refit_source_head``): re-fit the stale source head on the frozen TL backbone
+    (a linear probe with the transfer stage's optimiser and epochs). Checkpointed: all methods share it."""
     c = exp.config
-    variables, _, _ = _supervised(
-        exp,
-        "refit source head",
-        tl,
-        exp.source,
-        "source",
-        c.transfer,
-        heads_trainable("source", backbone=False),
-        c.seed + 21,
+    directory = exp.checkpoint_dir("refit-source-head", c.seed, c.data, c.model, c.pretrain, c.transfer)
+    if checkpoint.exists(directory):
+        return checkpoint.restore(directory, tl)[0]
+    trainable = heads_trainable("source", backbone=False)
+    variables, history, _ = _supervised(
+        exp, "refit source head", tl, exp.source, "source", c.transfer, trainable, c.seed + 21
     )
+    checkpoint.save(directory, variables, {"history": history})
     return variables
 
 
