@@ -87,6 +87,7 @@ class DisposalConfig:
     steps: int = 200
     eval_every: int = 25  # held-out checks for the stopping rule
     max_target_drop: float = 1.0  # stop when held-out target accuracy falls this much below TL's
+    selection: str = "last"  # which checked state to return: last | min_probe (lowest source probe accuracy)
     max_grad_norm: float = 1e6  # divergence bound on the gradient norm (before clipping)
     optim: OptimConfig = OptimConfig(optimizer="sgd", learning_rate=0.01, clip_norm=1.0)
 
@@ -102,7 +103,7 @@ class UnlearnConfig:
     methods: tuple[str, ...] = (
         "retrain", "ft", "ga", "rl", "l1_sparse", "salun", "scrub", "boundary_shrink", "sure",
     )  # fmt: skip
-    original: OptimConfig = OptimConfig(epochs=20)  # the original model, and Retrain's budget
+    original: OptimConfig = OptimConfig(epochs=20, schedule="cosine")  # the original model; Retrain's budget
     optim: OptimConfig = OptimConfig(optimizer="sgd", learning_rate=0.01, epochs=5)  # every unlearning method
     ga_learning_rate: float = 1e-4  # GA is unstable at the shared learning rate
     l1_alpha: float = 5e-4  # L1-sparse: α_0, decayed linearly to 0
@@ -127,14 +128,25 @@ class EvalConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Config:
+    """An experiment. The section classes' own defaults are METHODS.md's; ``Config()`` is the embedded
+    default experiment, whose settings below come from the search in ``experiments/default_search.md``."""
+
     seed: int = 0
     workdir: str = "runs/default"
-    data: DataConfig = DataConfig()
+    data: DataConfig = DataConfig(image_size=16, piggyback_per_class=10)
     model: ModelConfig = ModelConfig()
     pretrain: OptimConfig = OptimConfig(epochs=20)
     transfer: OptimConfig = OptimConfig(epochs=10)
-    disposal: DisposalConfig = DisposalConfig()
-    piggyback: OptimConfig = OptimConfig(optimizer="sgd", learning_rate=0.01, epochs=30, batch_size=32)
+    disposal: DisposalConfig = DisposalConfig(
+        retain="ce",
+        gc_lambda=0.003,
+        gc_params="backbone",
+        refit_source_head=True,
+        steps=150,
+        eval_every=10,
+        max_target_drop=0.03,
+    )
+    piggyback: OptimConfig = OptimConfig(optimizer="sgd", learning_rate=0.003, epochs=50, batch_size=32)
     eval: EvalConfig = EvalConfig()
     unlearn: UnlearnConfig = UnlearnConfig()
 
@@ -280,6 +292,7 @@ def validate(config: Config) -> Config:
     _one_of("disposal.retain", d.retain, RETAIN_LOSSES)
     _one_of("disposal.chunking", d.chunking, CHUNKINGS)
     _one_of("disposal.gc_params", d.gc_params, GC_PARAMS)
+    _one_of("disposal.selection", d.selection, ("last", "min_probe"))
     if d.num_chunks < 2:
         raise UserError(f"disposal.num_chunks={d.num_chunks}: expected at least 2 (GC compares chunk pairs)")
     if d.source_batch_size % d.num_chunks:

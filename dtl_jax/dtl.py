@@ -185,9 +185,11 @@ def refit_source_head(exp: Experiment, tl: dict) -> dict:
 def dispose(exp: Experiment, method: str, tl: dict) -> tuple[dict, dict]:
     """Stage 3: ``L_retain + λ · L_unlearn`` from the TL model, with the held-out stopping rule.
 
-    Every ``disposal.eval_every`` steps the target accuracy on held-out target data (``target.val``,
-    never the test split) is measured; when it falls more than ``disposal.max_target_drop`` below the
-    TL model's, the stage stops and returns the last checked state that was within the margin.
+    Every ``disposal.eval_every`` steps the held-out checks of ``_check`` run (validation splits, never
+    the test split). When the target accuracy falls more than ``disposal.max_target_drop`` below the TL
+    model's, the stage stops. It returns, among the checked states within the margin (the TL model
+    included), the last one (``disposal.selection=last``) or the one with the lowest linear-probe source
+    accuracy (``min_probe``).
     """
     c = exp.config
     d = c.disposal
@@ -214,33 +216,25 @@ def dispose(exp: Experiment, method: str, tl: dict) -> tuple[dict, dict]:
 
     val_split = exp.target.val if len(exp.target.val) else exp.target.train
     tl_val = exp.accuracy(teacher, val_split, "target")
-    checks = [{"step": 0, "target_val_acc": tl_val, "source_val_acc": _source_val(exp, tl)}]
-    last_good = jax.device_get(steps.variables_of(state))
+    checks = [_check(exp, 0, tl, val_split, tl_val)]
+    best = {"step": 0, "probe": checks[0]["probe_acc"], "variables": jax.device_get(tl)}
     stopped = {"at": None}
 
     def on_check(state, done):
-        nonlocal last_good
         variables = steps.variables_of(state)
-        acc = exp.accuracy(variables, val_split, "target")
-        checks.append({"step": done, "target_val_acc": acc, "source_val_acc": _source_val(exp, variables)})
-        if tl_val - acc > d.max_target_drop:
+        check = _check(exp, done, variables, val_split)
+        checks.append(check)
+        if tl_val - check["target_val_acc"] > d.max_target_drop:
             stopped["at"] = done
             return True
-        last_good = jax.device_get(variables)
+        if d.selection == "last" or check["probe_acc"] <= best["probe"]:
+            best.update(step=done, probe=check["probe_acc"], variables=jax.device_get(variables))
         return False
 
     state, history, halted_at = run_steps(
-        step,
-        state,
-        batches,
-        d.steps,
-        desc=f"disposal {method}",
-        every=d.eval_every,
-        on_check=on_check,
+        step, state, batches, d.steps, desc=f"disposal {method}", every=d.eval_every, on_check=on_check,
         quiet=exp.quiet,
-    )
-    if halted_at is None and stopped["at"] is None:
-        last_good = jax.device_get(steps.variables_of(state))
+    )  # fmt: skip
     meta = {
         "method": method,
         "history": history,
@@ -249,16 +243,31 @@ def dispose(exp: Experiment, method: str, tl: dict) -> tuple[dict, dict]:
         "stopped_at": stopped["at"],
         "diverged": halted_at is not None,
         "halted_at": halted_at,
-        "returned_step": checks[-2]["step"] if stopped["at"] is not None else (halted_at or d.steps),
+        "returned_step": best["step"],
         "seconds": time.perf_counter() - start,
     }
-    checkpoint.save(directory, last_good, meta)
-    return last_good, meta
+    checkpoint.save(directory, best["variables"], meta)
+    return best["variables"], meta
 
 
-def _source_val(exp: Experiment, variables) -> float:
+def _check(exp: Experiment, step: int, variables: dict, val_split, target_acc: float | None = None) -> dict:
+    """Held-out measurements during disposal: target accuracy (target.val), source accuracy through the
+    current source head (source.val), and a linear probe's source accuracy on the backbone's features,
+    fitted on the attacker's few-shot data (piggyback.train) and scored on source.val: a cheap stand-in
+    for piggyback learning."""
+    if target_acc is None:
+        target_acc = exp.accuracy(variables, val_split, "target")
     split = exp.source.val if len(exp.source.val) else exp.source.test
-    return exp.accuracy(variables, split, "source")
+    val_logits, val_features = exp.predict(variables, split, "source")
+    _, train_features = exp.predict(variables, exp.piggyback.train, "source")
+    return {
+        "step": step,
+        "target_val_acc": target_acc,
+        "source_val_acc": evaluate.accuracy(val_logits, split.labels),
+        "probe_acc": evaluate.linear_probe_accuracy(
+            train_features, exp.piggyback.train.labels, val_features, split.labels
+        ),
+    }
 
 
 def piggyback_learning(exp: Experiment, name: str, variables: dict, identity: str) -> dict:

@@ -34,6 +34,24 @@ def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(np.argmax(logits, axis=-1) == labels))
 
 
+def linear_probe_accuracy(
+    train_features: np.ndarray, train_labels: np.ndarray, test_features: np.ndarray, test_labels: np.ndarray
+) -> float:
+    """Accuracy on ``test`` of a logistic regression fitted on standardised ``train`` features.
+
+    >>> import numpy as np
+    >>> x = np.array([[0.0], [0.1], [1.0], [1.1]]); y = np.array([0, 0, 1, 1])
+    >>> linear_probe_accuracy(x, y, x, y)
+    1.0
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    scaler = StandardScaler().fit(train_features)
+    probe = LogisticRegression(max_iter=500).fit(scaler.transform(train_features), train_labels)
+    return float(probe.score(scaler.transform(test_features), test_labels))
+
+
 def per_example_loss(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """Cross-entropy per example, computed stably in float64."""
     z = logits.astype(np.float64)
