@@ -89,6 +89,7 @@ class DisposalConfig:
     max_target_drop: float = 1.0  # stop when held-out target accuracy falls this much below TL's
     selection: str = "last"  # which checked state to return: last | min_probe (lowest source probe accuracy)
     max_grad_norm: float = 1e6  # divergence bound on the gradient norm (before clipping)
+    devices: int = 0  # devices to shard the disposal step over (0 = all); chunks are split between them
     optim: OptimConfig = OptimConfig(optimizer="sgd", learning_rate=0.01, clip_norm=1.0)
 
 

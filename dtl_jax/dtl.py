@@ -20,6 +20,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 
 from dtl_jax import checkpoint, evaluate
 from dtl_jax.config import Config, UserError, to_dict, validate
@@ -28,6 +29,7 @@ from dtl_jax.data.tasks import Task, make_task, piggyback_task
 from dtl_jax.models import Network, build, init_head
 from dtl_jax.train import steps
 from dtl_jax.train.loop import run_steps
+from dtl_jax.train.mesh import check_divisible, data_mesh
 from dtl_jax.train.optim import heads_trainable, make_optimizer
 
 MODEL_NAMES = ("random_init", "tl")
@@ -48,8 +50,8 @@ class Experiment:
     target: Task
     piggyback: Task
     network: Network
+    mesh: Mesh
     quiet: bool = False
-    log: list = dataclasses.field(default_factory=list)
 
     @property
     def image_shape(self) -> tuple[int, ...]:
@@ -102,7 +104,9 @@ def build_experiment(config: Config, workdir: str | os.PathLike, quiet: bool = F
             f"disposal.num_chunks={d.num_chunks} with chunking=by_class needs at least as many source classes; "
             f"the source task has {source.num_classes}"
         )
-    return Experiment(c, Path(workdir), source, target, piggyback, build(c.model), quiet)
+    mesh = data_mesh(d.devices)
+    check_divisible(mesh, d.num_chunks, d.source_batch_size, c.transfer.batch_size)
+    return Experiment(c, Path(workdir), source, target, piggyback, build(c.model), mesh, quiet)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -202,7 +206,7 @@ def dispose(exp: Experiment, method: str, tl: dict) -> tuple[dict, dict]:
         tl = refit_source_head(exp, tl)
     tx = make_optimizer(d.optim, d.steps)
     state = steps.init_state(tl, tx, c.seed + 31)
-    step = steps.disposal_step(exp.network, method, d, tx, teacher)
+    step = steps.disposal_step(exp.network, method, d, tx, teacher, exp.mesh)
     seed = c.seed + 32
     if method in ("gc", "ngc") and d.chunking == "by_class":
         d_ = c.data

@@ -33,7 +33,7 @@ import numpy as np
 PyTree = Any
 LossFn = Callable[[PyTree, PyTree], jax.Array]
 
-__all__ = ["gc_loss", "split_chunks", "pairwise_collision"]
+__all__ = ["gc_loss", "sharded_collision", "split_chunks", "pairwise_collision"]
 
 
 def split_chunks(batch: PyTree, num_chunks: int) -> PyTree:
@@ -96,6 +96,17 @@ def _chunk(chunks, k):
     return jax.tree.map(lambda x: x[k], chunks)
 
 
+def _hvp(grad_fn, params, chunk, consts, direction):
+    """``H v`` forward-over-reverse: the tangent output of ``jax.jvp`` of the chunk gradient."""
+    return jax.jvp(lambda p: grad_fn(p, chunk, *consts), (params,), (direction,))[1]
+
+
+def _tangent_projection(direction, unit, norm):
+    """``(I - u uᵀ) w / n``: the chain rule through ``u = g / n``."""
+    along = _vdot(unit, direction)
+    return jax.tree.map(lambda w, u: (w - u * along) / norm, direction, unit)
+
+
 def _linearized_grad(grad_fn, params, chunk, consts):
     return jax.linearize(lambda p: grad_fn(p, chunk, *consts), params)
 
@@ -124,8 +135,7 @@ def _collision_bwd(loss_fn, normalized, eps, hvp, residuals, cotangent):
         if hvp == "linearize":
             product = residual[k](direction)
         else:
-            chunk = _chunk(chunks, k)
-            _, product = jax.jvp(lambda p, c=chunk: grad_fn(p, c, *consts), (residual,), (direction,))
+            product = _hvp(grad_fn, residual, _chunk(chunks, k), consts, direction)
         total = product if total is None else jax.tree.map(jnp.add, total, product)
     params_ct = jax.tree.map(lambda h: (cotangent * h).astype(h.dtype), total)
     return params_ct, jax.tree.map(_zero_cotangent, chunks), jax.tree.map(_zero_cotangent, consts)
@@ -179,3 +189,56 @@ def gc_loss(
     chunks = split_chunks(batch, num_chunks)
     closed, consts = jax.closure_convert(loss_fn, params, _chunk(chunks, 0))
     return _collision(closed, bool(normalized), float(eps), hvp, params, chunks, tuple(consts))
+
+
+def sharded_collision(
+    loss_fn: LossFn,
+    params: PyTree,
+    local_batch: PyTree,
+    num_chunks: int,
+    axis_name: str,
+    *,
+    normalized: bool = False,
+    eps: float = 1e-12,
+) -> tuple[jax.Array, PyTree]:
+    """GC / NGC with chunks spread over the devices of a ``shard_map`` axis (METHODS.md §1.1, Distributed).
+
+    Call inside ``jax.shard_map`` over ``axis_name``, with ``params`` replicated and ``local_batch`` this
+    device's contiguous share of the batch: ``num_chunks / N`` chunks for ``N`` devices (device ``d`` holds
+    chunks ``d·K/N .. (d+1)·K/N - 1`` of the single-device layout).
+
+    Each device computes its chunk gradients; **one all-reduce** of parameter size forms ``G = Σ_k g_k``
+    (``U = Σ_k u_k`` for NGC; plus one scalar all-reduce); each device then computes its local HVPs.
+
+    Returns ``(value, local_hvp)``: ``value`` is GC (NGC), equal on every device; ``local_hvp`` is
+    ``Σ_{local k} H_k v_k``, this device's share of ``∇GC``. The caller sums it over the axis: that is the
+    **second all-reduce**, which a train step fuses with its other gradients (``psum`` of
+    ``retain_grad / N + λ · local_hvp``), so a sharded disposal step has exactly two parameter-size
+    all-reduces. Gradients here are local: ``params`` is cast to device-varying before differentiating,
+    so no implicit ``psum`` is inserted by ``jax.grad`` inside ``shard_map``.
+    """
+    devices = jax.lax.axis_size(axis_name)
+    if num_chunks % devices:
+        raise ValueError(f"num_chunks={num_chunks} is not a multiple of the {devices} devices on axis {axis_name!r}")
+    local = num_chunks // devices
+    params = jax.lax.pcast(params, axis_name, to="varying")
+    chunks = split_chunks(local_batch, local) if local > 1 else jax.tree.map(lambda x: x[None], local_batch)
+    grad_fn = jax.grad(loss_fn)
+    grads = [grad_fn(params, _chunk(chunks, k)) for k in range(local)]
+    pairs = num_chunks * (num_chunks - 1)
+    if normalized:
+        norms = [jnp.sqrt(_vdot(g, g) + eps) for g in grads]
+        units = [_scale(g, 1.0 / n) for g, n in zip(grads, norms, strict=True)]
+    else:
+        units = grads
+    total = jax.lax.psum(jax.tree.map(lambda *xs: sum(xs), *units), axis_name)  # all-reduce 1
+    squares = jax.lax.psum(sum(_vdot(u, u) for u in units), axis_name)
+    value = (_vdot(total, total) - squares) / pairs
+    hvp = None
+    for k in range(local):
+        direction = jax.tree.map(lambda t, u: 2.0 * (t - u) / pairs, total, units[k])
+        if normalized:  # v_k = (I - u_k u_kᵀ) 2(U - u_k) / (K(K-1) n_k)
+            direction = _tangent_projection(direction, units[k], norms[k])
+        product = _hvp(grad_fn, params, _chunk(chunks, k), (), direction)
+        hvp = product if hvp is None else jax.tree.map(jnp.add, hvp, product)
+    return value, hvp

@@ -49,11 +49,14 @@ def distillation(student: jax.Array, teacher: jax.Array, temperature: float = 4.
     return temperature**2 * jnp.mean(kl)
 
 
+def random_wrong_labels(key: jax.Array, labels: jax.Array, num_classes: int) -> jax.Array:
+    """For each label, a label drawn uniformly from the ``num_classes - 1`` other classes."""
+    return (labels + jax.random.randint(key, labels.shape, 1, num_classes)) % num_classes
+
+
 def random_target_fooling(logits: jax.Array, labels: jax.Array, key: jax.Array) -> jax.Array:
     """RTF (§1.3): CE toward a uniformly random *wrong* label for each example."""
-    num_classes = logits.shape[-1]
-    shift = jax.random.randint(key, labels.shape, 1, num_classes)
-    return cross_entropy(logits, (labels + shift) % num_classes)
+    return cross_entropy(logits, random_wrong_labels(key, labels, logits.shape[-1]))
 
 
 def uniform_target_fooling(logits: jax.Array) -> jax.Array:

@@ -19,12 +19,17 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from dtl_jax import losses
 from dtl_jax.config import DisposalConfig
-from dtl_jax.gc import gc_loss
+from dtl_jax.gc import sharded_collision
 from dtl_jax.models import Network
+
+AXIS = "data"
 
 Step = Callable
 
@@ -124,19 +129,26 @@ def merge_params(gc_part: dict, rest: dict) -> dict:
     return {"backbone": gc_part["backbone"], "heads": {**rest["heads"], **gc_part["heads"]}}
 
 
-def disposal_step(network: Network, method: str, config: DisposalConfig, tx, teacher: dict) -> Step:
+def disposal_step(
+    network: Network, method: str, config: DisposalConfig, tx, teacher: dict, mesh: Mesh | None = None
+) -> Step:
     """Knowledge disposal (METHODS.md §1): ``L_retain + λ · L_unlearn`` from the TL model.
 
     ``method`` is the unlearning loss on the source batch (gc, ngc, rtf, utf, ga); ``config.retain``
-    the retaining loss (tgt_kd, src_kd, ce) with ``teacher`` the frozen TL model's variables. For GC/NGC,
-    the source batch is split into ``config.num_chunks`` contiguous chunks (see ``dtl_jax.gc``); the
-    parameters outside ``config.gc_params`` are held constant inside GC.
+    the retaining loss (tgt_kd, src_kd, ce) with ``teacher`` the frozen TL model's variables.
+
+    One code path for 1 and N devices: the step runs under ``jax.shard_map`` over the ``"data"`` axis of
+    ``mesh`` (default: the first device alone). Both batches are split along their leading axis over the
+    devices; for GC/NGC each device holds ``num_chunks / N`` contiguous chunks of the source batch
+    (``dtl_jax.gc.sharded_collision``), the parameters outside ``config.gc_params`` held constant. Per
+    step there are exactly two parameter-size all-reduces: ``G`` (or ``U``) inside GC, then one ``psum``
+    of every device's ``retain_grad / N + λ · local_hvp``. (For rtf/utf/ga: one, of the mean gradient.)
     """
     lam = config.gc_lambda if method in ("gc", "ngc") else config.fooling_lambda
+    mesh = mesh if mesh is not None else Mesh(np.array(jax.devices()[:1]), (AXIS,))
 
-    def step(state, source_batch, target_batch):
-        rng, key = jax.random.split(state["rng"])
-        batch_stats = state["batch_stats"]
+    def local(params, batch_stats, source_batch, target_batch):
+        devices = jax.lax.axis_size(AXIS)
 
         def retain_loss(params):
             inputs = source_batch["image"] if config.retain == "src_kd" else target_batch["image"]
@@ -147,32 +159,56 @@ def disposal_step(network: Network, method: str, config: DisposalConfig, tx, tea
             teacher_logits, _, _ = network.apply(teacher, inputs, head="target", train=False)
             return losses.distillation(logits, teacher_logits, config.temperature), stats
 
-        def unlearn_loss(params):
-            if method in ("gc", "ngc"):
-                gc_part, rest = split_gc_params(params, config.gc_params)
-                rest = jax.lax.stop_gradient(rest)
-
-                def chunk_loss(p, chunk):
-                    variables = {"params": merge_params(p, rest), "batch_stats": batch_stats}
-                    logits, _, _ = network.apply(variables, chunk["image"], head="source", train=True)
-                    return losses.cross_entropy(logits, chunk["label"])
-
-                chunks = {"image": source_batch["image"], "label": source_batch["label"]}
-                return gc_loss(chunk_loss, gc_part, chunks, config.num_chunks, normalized=method == "ngc")
+        def fooling_loss(params):
             variables = {"params": params, "batch_stats": batch_stats}
             logits, _, _ = network.apply(variables, source_batch["image"], head="source", train=True)
-            if method == "rtf":
-                return losses.random_target_fooling(logits, source_batch["label"], key)
+            if method == "rtf":  # the wrong labels were drawn for the whole batch (device-count invariant)
+                return losses.cross_entropy(logits, source_batch["fool_label"])
             if method == "utf":
                 return losses.uniform_target_fooling(logits)
             return losses.gradient_ascent(logits, source_batch["label"])
 
-        def total_loss(params):
-            retain, stats = retain_loss(params)
-            unlearn = unlearn_loss(params)
-            return retain + lam * unlearn, (stats, retain, unlearn)
+        varying = jax.lax.pcast(params, AXIS, to="varying")  # local gradients: no implicit psum
+        (retain, stats), retain_grads = jax.value_and_grad(retain_loss, has_aux=True)(varying)
+        if method in ("gc", "ngc"):
+            gc_part, rest = split_gc_params(params, config.gc_params)
 
-        (loss, (stats, retain, unlearn)), grads = jax.value_and_grad(total_loss, has_aux=True)(state["params"])
+            def chunk_loss(p, chunk):
+                variables = {"params": merge_params(p, rest), "batch_stats": batch_stats}
+                logits, _, _ = network.apply(variables, chunk["image"], head="source", train=True)
+                return losses.cross_entropy(logits, chunk["label"])
+
+            chunks = {"image": source_batch["image"], "label": source_batch["label"]}
+            unlearn, hvp = sharded_collision(
+                chunk_loss, gc_part, chunks, config.num_chunks, AXIS, normalized=method == "ngc"
+            )
+            zeros = jax.tree.map(jnp.zeros_like, rest)
+            unlearn_share = merge_params(hvp, zeros)  # already a sum-type share of ∇GC
+            local_grads = jax.tree.map(lambda r, u: r / devices + lam * u, retain_grads, unlearn_share)
+            loss = jax.lax.psum(retain / devices, AXIS) + lam * unlearn
+        else:
+            unlearn, unlearn_grads = jax.value_and_grad(fooling_loss)(varying)
+            local_grads = jax.tree.map(lambda r, u: (r + lam * u) / devices, retain_grads, unlearn_grads)
+            unlearn = jax.lax.psum(unlearn / devices, AXIS)
+            loss = jax.lax.psum(retain / devices, AXIS) + lam * unlearn
+        grads = jax.lax.psum(local_grads, AXIS)  # the one fused all-reduce of gradients
+        stats = jax.lax.pmean(stats, AXIS)
+        return loss, grads, stats, jax.lax.psum(retain / devices, AXIS), unlearn
+
+    sharded = jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(P(), P(), P(AXIS), P(AXIS)),
+        out_specs=(P(), P(), P(), P(), P()),
+    )
+
+    def step(state, source_batch, target_batch):
+        rng, key = jax.random.split(state["rng"])
+        source_batch = {"image": source_batch["image"], "label": source_batch["label"]}
+        if method == "rtf":
+            num_source = state["params"]["heads"]["source"]["bias"].shape[0]
+            source_batch["fool_label"] = losses.random_wrong_labels(key, source_batch["label"], num_source)
+        loss, grads, stats, retain, unlearn = sharded(state["params"], state["batch_stats"], source_batch, target_batch)
         new, metrics = _guarded_update(state, grads, loss, stats, rng, tx, config.max_grad_norm)
         return new, {**metrics, "retain": retain, "unlearn": unlearn}
 

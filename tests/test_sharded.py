@@ -1,0 +1,43 @@
+"""The sharded disposal step (jax.shard_map over 4 CPU devices) against the single-device step.
+
+JAX fixes its device count when it starts, so the comparison runs in a subprocess started with
+``JAX_NUM_CPU_DEVICES=4`` (tests/sharded_check.py).
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="module")
+def report():
+    env = {**os.environ, "JAX_NUM_CPU_DEVICES": "4", "PYTHONPATH": str(HERE.parent)}
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "sharded_check.py"), "1"], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("method", ["gc", "ngc", "rtf"])
+def test_four_devices_equal_one(report, method):
+    assert report[f"{method}_unlearn_rel"] <= 1e-5  # the GC / NGC / RTF value
+    assert report[f"{method}_param_rel"] <= 1e-5  # the updated parameters
+
+
+@pytest.mark.parametrize("method", ["gc", "ngc"])
+def test_exactly_two_parameter_size_all_reduces(report, method):
+    sizes = report[f"{method}_all_reduces"]
+    big = [s for s in sizes if s >= report["param_count"] // 2]
+    assert len(big) == 2, sizes  # G (or U) inside GC, then the fused gradient sum
+    assert len(sizes) == 2  # XLA combines the scalar reductions into those two
+
+
+def test_bad_mesh_and_chunk_combination(report):
+    assert report["mesh_error"].startswith("disposal.num_chunks=5 is not a multiple of the 4 devices")
