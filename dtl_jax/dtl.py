@@ -29,7 +29,7 @@ from dtl_jax.data.tasks import Task, make_task, piggyback_task
 from dtl_jax.models import Network, build, init_head
 from dtl_jax.train import steps
 from dtl_jax.train.loop import run_steps
-from dtl_jax.train.mesh import check_divisible, data_mesh
+from dtl_jax.train.mesh import check_divisible, data_mesh, shard_batch
 from dtl_jax.train.optim import heads_trainable, make_optimizer
 
 MODEL_NAMES = ("random_init", "tl")
@@ -216,7 +216,7 @@ def dispose(exp: Experiment, method: str, tl: dict) -> tuple[dict, dict]:
     else:
         source_batches = exp.batches(exp.source.train, d.source_batch_size, seed)
     target_batches = exp.batches(exp.target.train, c.transfer.batch_size, seed + 1)
-    batches = zip(source_batches, target_batches)
+    batches = ((shard_batch(exp.mesh, s), shard_batch(exp.mesh, t)) for s, t in zip(source_batches, target_batches))
 
     val_split = exp.target.val if len(exp.target.val) else exp.target.train
     tl_val = exp.accuracy(teacher, val_split, "target")

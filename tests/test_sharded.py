@@ -41,3 +41,31 @@ def test_exactly_two_parameter_size_all_reduces(report, method):
 
 def test_bad_mesh_and_chunk_combination(report):
     assert report["mesh_error"].startswith("disposal.num_chunks=5 is not a multiple of the 4 devices")
+
+
+def test_two_processes_on_localhost_equal_one(tmp_path):
+    """jax.distributed over gloo: one GC disposal step on a 2-process mesh equals the 1-process step."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = str(s.getsockname()[1])
+    out = tmp_path / "report.json"
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent), "JAX_NUM_CPU_DEVICES": "1"}
+    script = str(HERE / "multiprocess_check.py")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, script, str(i), port, str(out)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), logs
+    report = json.loads(out.read_text())
+    assert report["processes"] == 2 and report["devices"] == 2
+    assert abs(report["gc"] - report["gc_reference"]) <= 1e-5 * max(1.0, abs(report["gc_reference"]))
+    assert report["param_rel"] <= 1e-5
