@@ -20,9 +20,18 @@ def _path(directory: str | os.PathLike) -> Path:
     return Path(directory).expanduser().resolve()
 
 
+def _agreed(flag: bool) -> bool:
+    """In a multi-process job every process must take the same branch: process 0's answer wins."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag)))
+
+
 def exists(directory: str | os.PathLike) -> bool:
     path = _path(directory)
-    return (path / "state").is_dir() and (path / "meta.json").is_file()
+    return _agreed((path / "state").is_dir() and (path / "meta.json").is_file())
 
 
 def save(directory: str | os.PathLike, tree: Any, meta: dict | None = None) -> None:
@@ -33,9 +42,14 @@ def save(directory: str | os.PathLike, tree: Any, meta: dict | None = None) -> N
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(path / "state", jax.device_get(tree), force=True)
         checkpointer.wait_until_finished()
-    tmp = path / "meta.json.tmp"
-    tmp.write_text(json.dumps(meta or {}, indent=1))
-    tmp.replace(path / "meta.json")
+    if jax.process_index() == 0:
+        tmp = path / "meta.json.tmp"
+        tmp.write_text(json.dumps(meta or {}, indent=1))
+        tmp.replace(path / "meta.json")
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"checkpoint {path}")
 
 
 def restore(directory: str | os.PathLike, like: Any) -> tuple[Any, dict]:

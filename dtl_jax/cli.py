@@ -51,6 +51,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--workdir", default=None, help="where checkpoints and results.json go (default: runs/default)")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    dist = run.add_argument_group(
+        "multi-process jobs (jax.distributed; defaults from JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID)"
+    )
+    dist.add_argument("--coordinator", default="", help="host:port of process 0, or 'auto' to detect a cluster")
+    dist.add_argument("--num-processes", type=int, default=0, help="number of processes in the job")
+    dist.add_argument("--process-id", type=int, default=-1, help="this process's index, 0..N-1")
 
     unlearn = sub.add_parser(
         "unlearn",
@@ -133,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
             workdir = args.workdir or os.path.join(os.path.dirname(config.workdir) or ".", "unlearn")
         else:
             config = config_lib.validate(config_lib.apply_overrides(config, args.overrides))
+            from dtl_jax.train.mesh import initialize_distributed
+
+            initialize_distributed(args.coordinator, args.num_processes, args.process_id)
             from dtl_jax import dtl as module
 
             workdir = args.workdir or config.workdir

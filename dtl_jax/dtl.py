@@ -391,7 +391,10 @@ def _check_workdir(workdir: Path) -> None:
 
 
 def write_json(path: Path, data: dict) -> None:
-    """Writes JSON atomically (temporary file, then rename): a reader never sees a partial file."""
+    """Writes JSON atomically (temporary file, then rename): a reader never sees a partial file. In a
+    multi-process job only process 0 writes."""
+    if jax.process_index() != 0:
+        return
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(_jsonable(data), indent=1))
     tmp.replace(path)

@@ -69,3 +69,46 @@ def test_two_processes_on_localhost_equal_one(tmp_path):
     assert report["processes"] == 2 and report["devices"] == 2
     assert abs(report["gc"] - report["gc_reference"]) <= 1e-5 * max(1.0, abs(report["gc_reference"]))
     assert report["param_rel"] <= 1e-5
+
+
+def test_dtl_jax_run_as_two_processes_equals_one(tmp_path):
+    """`dtl-jax run --coordinator ...` as a 2-process job gives the single-process results.json."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = str(s.getsockname()[1])
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent), "JAX_NUM_CPU_DEVICES": "1"}
+    tiny = ["run", str(HERE.parent / "configs" / "digits.py"), "--quiet", "--set", "disposal.num_chunks=2",
+            "--set", "disposal.steps=6", "--set", "piggyback.epochs=2", "--set", "disposal.methods=gc,rtf"]  # fmt: skip
+    cli = [sys.executable, "-m", "dtl_jax.cli", *tiny]
+    procs = [
+        subprocess.Popen(
+            [
+                *cli,
+                "--workdir",
+                str(tmp_path / "multi"),
+                "--coordinator",
+                f"localhost:{port}",
+                "--num-processes",
+                "2",
+                "--process-id",
+                str(i),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    logs = [p.communicate(timeout=400)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), [log[-2000:] for log in logs]
+    single = subprocess.run([*cli, "--workdir", str(tmp_path / "single")], env=env, capture_output=True, timeout=400)
+    assert single.returncode == 0, single.stderr[-2000:]
+    multi = json.loads((tmp_path / "multi" / "results.json").read_text())["models"]
+    one = json.loads((tmp_path / "single" / "results.json").read_text())["models"]
+    assert set(multi) == {"random_init", "tl", "gc", "rtf"}
+    for name, row in one.items():
+        for key in ("target_acc", "source_acc", "pl_acc", "mia_acc"):
+            assert abs(row[key] - multi[name][key]) <= 1e-6, (name, key)
