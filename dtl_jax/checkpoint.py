@@ -59,3 +59,52 @@ def restore(directory: str | os.PathLike, like: Any) -> tuple[Any, dict]:
     with ocp.StandardCheckpointer() as checkpointer:
         tree = checkpointer.restore(path / "state", abstract)
     return tree, json.loads((path / "meta.json").read_text())
+
+
+class Progress:
+    """Mid-stage checkpoints (orbax ``CheckpointManager``, the two newest kept): the train state, the
+    loop's bookkeeping and arrays of its own, every ``every`` steps. A checkpoint is listed only once
+    orbax has finalised it, so a kill during a save falls back to the previous one.
+    """
+
+    def __init__(self, directory: str | os.PathLike, every: int):
+        self.directory = _path(directory)
+        self.every = every
+        self.resumed_from = 0  # the step a run resumed from (set by the loop)
+        options = ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False)
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def restore(self, like: Any) -> tuple[Any, dict] | None:
+        """``(tree, extra)`` of the newest finished checkpoint, ``tree`` shaped like ``like``; or None."""
+        step = _agreed_step(self._manager.latest_step())
+        if step is None:
+            return None
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), like)
+        restored = self._manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), extra=ocp.args.JsonRestore())
+        )
+        return restored["state"], restored["extra"]
+
+    def save(self, step: int, tree: Any, extra: dict) -> None:
+        self._manager.save(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardSave(jax.device_get(tree)), extra=ocp.args.JsonSave(extra)),
+            force=True,
+        )
+        self._manager.wait_until_finished()
+
+    def close(self, remove: bool = False) -> None:
+        self._manager.close()
+        if remove and jax.process_index() == 0:
+            import shutil
+
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _agreed_step(step: int | None) -> int | None:
+    if jax.process_count() == 1:
+        return step
+    from jax.experimental import multihost_utils
+
+    value = int(multihost_utils.broadcast_one_to_all(np.asarray(-1 if step is None else step)))
+    return None if value < 0 else value

@@ -134,6 +134,7 @@ class Config:
 
     seed: int = 0
     workdir: str = "runs/default"
+    checkpoint_every: int = 200  # mid-stage checkpoints every N steps (0 = only when a stage ends)
     data: DataConfig = DataConfig(image_size=16, piggyback_per_class=10)
     model: ModelConfig = ModelConfig()
     pretrain: OptimConfig = OptimConfig(epochs=20)

@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -23,16 +24,15 @@ import numpy as np
 from jax.sharding import Mesh
 
 from dtl_jax import checkpoint, evaluate
+from dtl_jax.checkpoint import Progress
 from dtl_jax.config import Config, UserError, to_dict, validate
 from dtl_jax.data import pipeline
 from dtl_jax.data.tasks import Task, make_task, piggyback_task
 from dtl_jax.models import Network, build, init_head
 from dtl_jax.train import steps
-from dtl_jax.train.loop import run_steps
+from dtl_jax.train.loop import Bookkeeping, run_steps
 from dtl_jax.train.mesh import check_divisible, data_mesh, shard_batch
 from dtl_jax.train.optim import heads_trainable, make_optimizer
-
-MODEL_NAMES = ("random_init", "tl")
 
 
 def _fingerprint(*parts) -> str:
@@ -113,8 +113,29 @@ def build_experiment(config: Config, workdir: str | os.PathLike, quiet: bool = F
 # Stages
 
 
-def _supervised(exp: Experiment, name: str, variables, task: Task, head: str, optim, trainable, seed, on_epoch=None):
-    """Trains ``head`` (and what ``trainable`` marks) with CE on ``task.train`` for ``optim.epochs``."""
+def _progress(exp: Experiment, directory: Path) -> Progress | None:
+    every = exp.config.checkpoint_every
+    return Progress(directory.with_name(directory.name + ".progress"), every) if every else None
+
+
+def _finish(progress: Progress | None) -> None:
+    if progress is not None:
+        progress.close(remove=True)
+
+
+def _drop_progress(directory: Path) -> None:
+    """Removes a stage's mid-stage checkpoints once its final checkpoint is written (process 0 only)."""
+    path = directory.with_name(directory.name + ".progress")
+    if jax.process_index() == 0 and path.exists():
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _supervised(
+    exp: Experiment, name: str, variables, task: Task, head: str, optim, trainable, seed, directory: Path,
+    on_epoch=None, bookkeeping=None,
+):  # fmt: skip
+    """Trains ``head`` (and what ``trainable`` marks) with CE on ``task.train`` for ``optim.epochs``;
+    mid-stage checkpoints beside ``directory``, removed once the stage's own checkpoint is written."""
     per_epoch = pipeline.steps_per_epoch(task.train, optim.batch_size)
     total = per_epoch * optim.epochs
     key = (id(exp.network.backbone), head, optim, total, trainable is None)
@@ -124,10 +145,15 @@ def _supervised(exp: Experiment, name: str, variables, task: Task, head: str, op
     _, tx, step = _STEPS[key]
     state = steps.init_state(variables, tx, seed)
     batches = ((b,) for b in exp.batches(task.train, optim.batch_size, seed))
+    progress = _progress(exp, directory)
     state, history, halted_at = run_steps(
-        step, state, batches, total, desc=name, every=per_epoch, on_check=on_epoch, quiet=exp.quiet
-    )
-    return steps.variables_of(state), history, halted_at
+        step, state, batches, total, desc=name, every=per_epoch, on_check=on_epoch, quiet=exp.quiet,
+        progress=progress, bookkeeping=bookkeeping,
+    )  # fmt: skip
+    if progress is not None:
+        progress.close()
+    resumed = progress.resumed_from if progress is not None else 0
+    return steps.variables_of(state), history, {"halted_at": halted_at, "resumed_from": resumed}
 
 
 def pretrain(exp: Experiment) -> dict:
@@ -138,11 +164,12 @@ def pretrain(exp: Experiment) -> dict:
     if checkpoint.exists(directory):
         return checkpoint.restore(directory, variables)[0]
     start = time.perf_counter()
-    variables, history, halted_at = _supervised(
-        exp, "pretrain", variables, exp.source, "source", c.pretrain, None, c.seed
+    variables, history, status = _supervised(
+        exp, "pretrain", variables, exp.source, "source", c.pretrain, None, c.seed, directory
     )
-    meta = {"history": history, "halted_at": halted_at, "seconds": time.perf_counter() - start}
+    meta = {"history": history, **status, "seconds": time.perf_counter() - start}
     checkpoint.save(directory, variables, meta)
+    _drop_progress(directory)
     return variables
 
 
@@ -163,11 +190,13 @@ def transfer(exp: Experiment, pretrained: dict) -> dict:
     if checkpoint.exists(directory):
         return checkpoint.restore(directory, variables)[0]
     start = time.perf_counter()
-    variables, history, halted_at = _supervised(
-        exp, "transfer", variables, exp.target, "target", c.transfer, heads_trainable("target"), c.seed + 12
-    )
-    meta = {"history": history, "halted_at": halted_at, "seconds": time.perf_counter() - start}
+    variables, history, status = _supervised(
+        exp, "transfer", variables, exp.target, "target", c.transfer, heads_trainable("target"), c.seed + 12,
+        directory,
+    )  # fmt: skip
+    meta = {"history": history, **status, "seconds": time.perf_counter() - start}
     checkpoint.save(directory, variables, meta)
+    _drop_progress(directory)
     return variables
 
 
@@ -180,9 +209,10 @@ def refit_source_head(exp: Experiment, tl: dict) -> dict:
         return checkpoint.restore(directory, tl)[0]
     trainable = heads_trainable("source", backbone=False)
     variables, history, _ = _supervised(
-        exp, "refit source head", tl, exp.source, "source", c.transfer, trainable, c.seed + 21
+        exp, "refit source head", tl, exp.source, "source", c.transfer, trainable, c.seed + 21, directory
     )
     checkpoint.save(directory, variables, {"history": history})
+    _drop_progress(directory)
     return variables
 
 
@@ -223,6 +253,7 @@ def dispose(exp: Experiment, method: str, tl: dict) -> tuple[dict, dict]:
     checks = [_check(exp, 0, tl, val_split, tl_val)]
     best = {"step": 0, "probe": checks[0]["probe_acc"], "variables": jax.device_get(tl)}
     stopped = {"at": None}
+    book = _DisposalBook(checks, best, stopped)
 
     def on_check(state, done):
         variables = steps.variables_of(state)
@@ -235,9 +266,10 @@ def dispose(exp: Experiment, method: str, tl: dict) -> tuple[dict, dict]:
             best.update(step=done, probe=check["probe_acc"], variables=jax.device_get(variables))
         return False
 
+    progress = _progress(exp, directory)
     state, history, halted_at = run_steps(
         step, state, batches, d.steps, desc=f"disposal {method}", every=d.eval_every, on_check=on_check,
-        quiet=exp.quiet,
+        quiet=exp.quiet, progress=progress, bookkeeping=book,
     )  # fmt: skip
     meta = {
         "method": method,
@@ -248,10 +280,28 @@ def dispose(exp: Experiment, method: str, tl: dict) -> tuple[dict, dict]:
         "diverged": halted_at is not None,
         "halted_at": halted_at,
         "returned_step": best["step"],
+        "resumed_from": progress.resumed_from if progress is not None else 0,
         "seconds": time.perf_counter() - start,
     }
     checkpoint.save(directory, best["variables"], meta)
+    _finish(progress)
     return best["variables"], meta
+
+
+class _DisposalBook(Bookkeeping):
+    """Disposal's host-side record (checks, the best state so far, the stop) for mid-stage checkpoints."""
+
+    def __init__(self, checks: list, best: dict, stopped: dict):
+        self.checks, self.best, self.stopped = checks, best, stopped
+
+    def dump(self):
+        meta = {"checks": self.checks, "best_step": self.best["step"], "best_probe": self.best["probe"]}
+        return {**meta, "stopped": self.stopped["at"]}, self.best["variables"]
+
+    def load(self, data, arrays):
+        self.checks[:] = data["checks"]
+        self.best.update(step=data["best_step"], probe=data["best_probe"], variables=arrays)
+        self.stopped["at"] = data["stopped"]
 
 
 def _check(exp: Experiment, step: int, variables: dict, val_split, target_acc: float | None = None) -> dict:
@@ -298,17 +348,30 @@ def piggyback_learning(exp: Experiment, name: str, variables: dict, identity: st
         return False
 
     start = time.perf_counter()
-    pl_vars, history, halted_at = _supervised(
-        exp, f"piggyback {name}", pl_vars, exp.piggyback, "piggyback", c.piggyback, None, c.seed + 42, on_epoch
-    )
+    pl_vars, history, status = _supervised(
+        exp, f"piggyback {name}", pl_vars, exp.piggyback, "piggyback", c.piggyback, None, c.seed + 42, directory,
+        on_epoch, _CurveBook(curve),
+    )  # fmt: skip
     meta = {
         "pl_curve": curve,
         "pl_acc": curve[-1] if curve else float("nan"),
-        "halted_at": halted_at,
+        **status,
         "seconds": time.perf_counter() - start,
     }
     checkpoint.save(directory, pl_vars, meta)
+    _drop_progress(directory)
     return meta
+
+
+class _CurveBook(Bookkeeping):
+    def __init__(self, curve: list):
+        self.curve = curve
+
+    def dump(self):
+        return {"curve": self.curve}, {}
+
+    def load(self, data, arrays):
+        self.curve[:] = data["curve"]
 
 
 def evaluate_model(exp: Experiment, variables: dict) -> dict:

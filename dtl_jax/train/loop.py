@@ -4,10 +4,24 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import jax
 import numpy as np
 from tqdm.auto import tqdm
+
+from dtl_jax.checkpoint import Progress
+
+
+class Bookkeeping:
+    """What a stage's ``on_check`` accumulates on the host, saved with mid-stage checkpoints:
+    ``dump() -> (json_dict, array_tree)`` and ``load(json_dict, array_tree)``. The default keeps nothing."""
+
+    def dump(self) -> tuple[dict, Any]:
+        return {}, {}
+
+    def load(self, data: dict, arrays: Any) -> None:
+        pass
 
 
 def run_steps(
@@ -21,6 +35,8 @@ def run_steps(
     on_check: Callable[[dict, int], bool] | None = None,
     log_every: int = 10,
     quiet: bool = False,
+    progress: Progress | None = None,
+    bookkeeping: Bookkeeping | None = None,
 ) -> tuple[dict, list[dict], int | None]:
     """Runs ``num_steps`` of ``state, metrics = step(state, *next(batches))``.
 
@@ -28,9 +44,27 @@ def run_steps(
     returns True to stop early. Metrics are fetched every ``log_every`` steps (one host sync) into the
     returned history. Returns ``(state, history, halted_at)`` where ``halted_at`` is the step at which
     the divergence guard stopped the stage (``None`` if it did not).
+
+    With ``progress``, the state, the history, ``bookkeeping`` and the position in ``batches`` are saved
+    every ``progress.every`` steps; a later call with the same arguments resumes from the newest such
+    checkpoint, replaying ``batches`` to the saved position (the streams are seeded, so the resumed run
+    sees the same batches as an uninterrupted one and ends with the same state).
     """
     history: list[dict] = []
-    bar = tqdm(total=num_steps, desc=desc, disable=quiet, file=sys.stderr, leave=True, dynamic_ncols=True)
+    bookkeeping = bookkeeping or Bookkeeping()
+    start = 0
+    if progress is not None:
+        restored = progress.restore({"state": state, "book": bookkeeping.dump()[1]})
+        if restored is not None:
+            tree, extra = restored
+            state, start, history = tree["state"], extra["done"], extra["history"]
+            progress.resumed_from = start
+            bookkeeping.load(extra["book"], tree["book"])
+            for _ in range(start):
+                next(batches)
+    bar = tqdm(
+        total=num_steps, initial=start, desc=desc, disable=quiet, file=sys.stderr, leave=True, dynamic_ncols=True
+    )
     pending: list[tuple[int, dict]] = []
 
     def flush() -> bool:
@@ -42,9 +76,10 @@ def run_steps(
             bar.set_postfix(loss=f"{history[-1]['loss']:.4g}", refresh=False)
         return bool(jax.device_get(state["halted"]))
 
-    done = 0
-    halted = False
-    for done in range(1, num_steps + 1):
+    halted = bool(jax.device_get(state["halted"])) if start else False
+    for done in range(start + 1, num_steps + 1):
+        if halted:
+            break
         state, metrics = step(state, *next(batches))
         pending.append((done, metrics))
         bar.update(1)
@@ -55,6 +90,10 @@ def run_steps(
         if on_check is not None and ((every and done % every == 0) or done == num_steps):
             if on_check(state, done):
                 break
+        if progress is not None and progress.every and done % progress.every == 0 and done < num_steps:
+            halted = flush()
+            book, arrays = bookkeeping.dump()
+            progress.save(done, {"state": state, "book": arrays}, {"done": done, "history": history, "book": book})
     if pending:
         halted = flush()
     bar.close()

@@ -1,0 +1,120 @@
+"""Peak temporary memory of a GC step vs a plain gradient step, from XLA's compiled memory analysis.
+
+Both are full jitted train steps (loss, gradient, SGD update with donated parameters), as in
+``benchmarks/gc_step.py``: the plain step is one cross-entropy gradient over the batch; the GC step is
+``jax.grad`` of ``dtl_jax.gc.gc_loss`` (``K`` chunk gradients plus ``K`` forward-over-reverse HVPs), once
+per ``hvp`` mode ("jvp", "linearize"). Nothing is run: each step is lowered and compiled and
+``compiled.memory_analysis()`` gives ``temp_size_in_bytes`` (XLA's buffer-assignment peak of
+intermediate buffers), argument and output sizes. Reports the ratio GC temp / plain temp.
+Target (issue 2): at most 2.5.
+
+    python benchmarks/memory.py                              # CNN and MLP, batches 64/128/256, K=4
+    python benchmarks/memory.py --models cnn --batches 128 --chunks 8 --json memory.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from dtl_jax import losses
+from dtl_jax.config import ModelConfig
+from dtl_jax.gc import HVP_MODES, gc_loss
+from dtl_jax.models import build
+
+
+def _steps(network, num_chunks):
+    tx = optax.sgd(0.01)
+
+    def ce(params, batch):
+        logits, _, _ = network.apply({"params": params, "batch_stats": {}}, batch["image"], head="source", train=True)
+        return losses.cross_entropy(logits, batch["label"])
+
+    def plain(params, batch):
+        grads = jax.grad(ce)(params, batch)
+        return optax.apply_updates(params, tx.update(grads, tx.init(params))[0])
+
+    def collision(hvp):
+        def step(params, batch):
+            grads = jax.grad(lambda p: gc_loss(ce, p, batch, num_chunks, hvp=hvp))(params)
+            return optax.apply_updates(params, tx.update(grads, tx.init(params))[0])
+
+        return step
+
+    return {"plain": plain, **{f"gc_{mode}": collision(mode) for mode in HVP_MODES}}
+
+
+def _analysis(fn, params, batch) -> dict:
+    stats = jax.jit(fn, donate_argnums=0).lower(params, batch).compile().memory_analysis()
+    if stats is None:  # backend without a memory analysis
+        return {}
+    return {
+        "temp": int(stats.temp_size_in_bytes),
+        "argument": int(stats.argument_size_in_bytes),
+        "output": int(stats.output_size_in_bytes),
+        "alias": int(stats.alias_size_in_bytes),
+    }
+
+
+def measure(model: str, batch_size: int, num_chunks: int, image_size: int) -> dict:
+    network = build(ModelConfig(name=model, widths=(16, 32, 64) if model == "cnn" else (128, 128)))
+    variables = network.init(jax.random.PRNGKey(0), (image_size, image_size, 3), {"source": 10})
+    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), variables["params"])
+    batch = {
+        "image": jax.ShapeDtypeStruct((batch_size, image_size, image_size, 3), jnp.float32),
+        "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32),
+    }
+    memory = {name: _analysis(fn, params, batch) for name, fn in _steps(network, num_chunks).items()}
+    plain = memory["plain"].get("temp", 0)
+    return {
+        "model": model,
+        "batch": batch_size,
+        "num_chunks": num_chunks,
+        "image_size": image_size,
+        "param_bytes": int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(variables["params"]))),
+        "memory": memory,
+        "ratio": {m: memory[f"gc_{m}"].get("temp", 0) / plain if plain else None for m in HVP_MODES},
+        "device": str(jax.devices()[0].device_kind),
+        "jax": jax.__version__,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["cnn", "mlp"], choices=("cnn", "mlp"))
+    parser.add_argument("--batches", type=int, nargs="+", default=[64, 128, 256])
+    parser.add_argument("--chunks", type=int, default=4)
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--target", type=float, default=2.5, help="largest acceptable GC temp / plain temp")
+    parser.add_argument("--json", default=None, help="also write the results here")
+    args = parser.parse_args()
+    results = [measure(m, b, args.chunks, args.image_size) for m in args.models for b in args.batches]
+    mib = 2.0**20
+    print(
+        f"{'model':<6}{'batch':>6}{'K':>3}{'params MiB':>11}{'args MiB':>9}{'plain tmp':>10}"
+        f"{'jvp tmp':>9}{'lin tmp':>9}{'jvp/pl':>8}{'lin/pl':>8}   (temp sizes in MiB)"
+    )
+    for r in results:
+        m = r["memory"]
+        print(
+            f"{r['model']:<6}{r['batch']:>6}{r['num_chunks']:>3}{r['param_bytes'] / mib:>11.2f}"
+            f"{m['plain']['argument'] / mib:>9.2f}{m['plain']['temp'] / mib:>10.2f}"
+            f"{m['gc_jvp']['temp'] / mib:>9.2f}{m['gc_linearize']['temp'] / mib:>9.2f}"
+            f"{r['ratio']['jvp']:>8.2f}{r['ratio']['linearize']:>8.2f}"
+        )
+    for mode in HVP_MODES:
+        worst = max(r["ratio"][mode] for r in results)
+        verdict = "met" if worst <= args.target else "NOT met"
+        print(f"hvp={mode}: worst GC/plain temp ratio {worst:.2f} (target <= {args.target}: {verdict})")
+    print(f"({results[0]['device']}, jax {results[0]['jax']})")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

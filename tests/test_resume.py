@@ -1,0 +1,75 @@
+"""Kill -9 in the middle of a stage, run again, and get the results of an uninterrupted run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = [
+    "run", str(ROOT / "configs" / "digits.py"), "--quiet",
+    "--set", "checkpoint_every=4", "--set", "pretrain.epochs=6", "--set", "disposal.steps=40",
+    "--set", "disposal.eval_every=8", "--set", "piggyback.epochs=3", "--set", "disposal.methods=gc,utf",
+]  # fmt: skip
+ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+def _run(workdir: Path, kill_when: str | None = None) -> int:
+    """Runs dtl-jax; with ``kill_when`` (a glob under the workdir), SIGKILLs it once that appears."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dtl_jax.cli", *TINY, "--workdir", str(workdir)],
+        env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    if kill_when is None:
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-2000:]
+        return proc.returncode
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if list(workdir.glob(kill_when)):
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.communicate(timeout=60)
+    return proc.returncode
+
+
+def _comparable(results: dict) -> dict:
+    disposal = {
+        m: {k: v for k, v in d.items() if k not in ("seconds", "resumed_from")} for m, d in results["disposal"].items()
+    }
+    return {"models": results["models"], "disposal": disposal}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("whole")
+    _run(workdir)
+    return _comparable(json.loads((workdir / "results.json").read_text()))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "kill_when",
+    [
+        "checkpoints/pretrain-*.progress/8",  # mid pre-training
+        "checkpoints/disposal-gc-*.progress/16",  # mid disposal, after stopping-rule checks
+    ],
+)
+def test_sigkill_mid_stage_then_resume_gives_the_same_results(tmp_path, uninterrupted, kill_when):
+    code = _run(tmp_path, kill_when)
+    assert code == -signal.SIGKILL, f"the run ended ({code}) before it could be killed at {kill_when}"
+    assert not (tmp_path / "results.json").exists()
+    assert list(tmp_path.glob(kill_when.rsplit("/", 1)[0]))  # a mid-stage checkpoint is there to resume from
+    _run(tmp_path)
+    resumed = _comparable(json.loads((tmp_path / "results.json").read_text()))
+    assert resumed == uninterrupted
+    stage = kill_when.split("/")[1].split("-")[0]
+    metas = [json.loads(p.read_text()) for p in tmp_path.glob(f"checkpoints/{stage}-*/meta.json")]
+    assert any(m.get("resumed_from", 0) > 0 for m in metas), "the stage started over instead of resuming"
+    assert not list(tmp_path.glob("checkpoints/*.progress"))  # cleaned up once the stages finished
