@@ -71,7 +71,7 @@ def torch_cnn(widths, in_channels: int, num_classes: int):
 
 def copy_flax_weights(model, params) -> None:
     """Flax Conv kernel HWIO -> torch OIHW; flax Dense kernel (in, out) -> torch Linear weight (out, in)."""
-    tensor = lambda x: torch.from_numpy(np.ascontiguousarray(x))
+    tensor = lambda x: torch.from_numpy(np.array(x, order="C"))  # a writable, contiguous copy
     convs = [m for m in model if isinstance(m, torch.nn.Conv2d)]
     backbone = params["backbone"]
     assert len(convs) == len(backbone), (len(convs), list(backbone))
@@ -138,7 +138,7 @@ def jax_steps(ce, num_chunks, hvp):
 
 
 # ---------------------------------------------------------------------------------------------- timing
-def _median_ms(call, repeats: int, warmup: int = 2) -> float:
+def _median_ms(call, repeats: int, warmup: int = 1) -> float:
     for _ in range(warmup):
         call()
     times = []
@@ -170,7 +170,7 @@ def check_equal(ce, params, batch, model, images, labels, num_chunks: int, rtol:
     model.zero_grad(set_to_none=True)
     value = torch_gc(model, images, labels, num_chunks)
     value.backward()
-    torch_value = float(value)
+    torch_value = float(value.detach())
     torch_kernel_grad = model[0].weight.grad.numpy()
     torch_head_grad = model[-1].weight.grad.numpy()
     model.zero_grad(set_to_none=True)
@@ -325,7 +325,7 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=4)
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--hvp", default="jvp", choices=HVP_MODES, help="gc_loss's HVP mode")
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds; the best median is kept")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: os.cpu_count())")
     parser.add_argument("--rtol", type=float, default=1e-4, help="GC value tolerance (gradients: 10x)")

@@ -13,9 +13,11 @@ import dataclasses
 import importlib
 import pkgutil
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import numpy as np
 
+from dtl_jax.checkpoint import Progress
 from dtl_jax.config import Config, OptimConfig
 from dtl_jax.data import pipeline
 from dtl_jax.data.sources import ImageSplit
@@ -56,6 +58,7 @@ class Context:
     seed: int
     quiet: bool = False
     history: list = dataclasses.field(default_factory=list)
+    progress_root: Path | None = None  # mid-run checkpoints of each ctx.train call go below it
 
     @property
     def u(self):
@@ -81,7 +84,14 @@ class Context:
         """Runs ``step`` (a ``steps.custom_step`` or ``steps.supervised_step``) ``num_steps`` times from
         ``variables`` through the shared loop; returns the final variables."""
         state = steps.init_state(variables, tx, self.seed + 7)
-        state, history, halted_at = run_steps(step, state, inputs, num_steps, desc=desc, quiet=self.quiet)
+        progress = None
+        if self.progress_root is not None and self.config.checkpoint_every:
+            progress = Progress(self.progress_root / desc.replace(" ", "-"), self.config.checkpoint_every)
+        state, history, halted_at = run_steps(
+            step, state, inputs, num_steps, desc=desc, quiet=self.quiet, progress=progress
+        )
+        if progress is not None:
+            progress.close()
         self.history.append({"desc": desc, "steps": len(history), "halted_at": halted_at,
                              "last_loss": history[-1]["loss"] if history else None})  # fmt: skip
         return steps.variables_of(state)

@@ -7,6 +7,7 @@ from ``jax.monitoring``'s compile events); the compile time is reported beside i
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import time
 from pathlib import Path
 
@@ -34,6 +35,11 @@ def _on_event(name: str, seconds: float, **_) -> None:
 
 
 monitoring.register_event_duration_secs_listener(_on_event)
+
+
+def _drop(path: Path) -> None:
+    if jax.process_index() == 0 and path.exists():
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _outputs(network, variables, scenario, config) -> dict:
@@ -65,12 +71,14 @@ def run(config: Config, workdir, *, quiet: bool = False) -> dict:
     if checkpoint.exists(original_dir):
         original = checkpoint.restore(original_dir, variables)[0]
     else:
-        ctx = Context(config, network, scenario, variables, config.seed, quiet)
+        progress_root = original_dir.with_name(original_dir.name + ".progress")
+        ctx = Context(config, network, scenario, variables, config.seed, quiet, progress_root=progress_root)
         total = ctx.steps_per_epoch(scenario.train, u.original.batch_size) * u.original.epochs
         tx = make_optimizer(u.original, total)
         stream = ((b,) for b in ctx.batches(scenario.train, u.original.batch_size, seed=20))
         original = ctx.train(steps.supervised_step(network, HEAD, tx), variables, tx, stream, total, "original")
         checkpoint.save(original_dir, original, {"history": ctx.history})
+        _drop(progress_root)
 
     methods = load_methods()
     rows = {"original": unlearning_metrics(_outputs(network, original, scenario, config), config.seed)}
@@ -81,13 +89,15 @@ def run(config: Config, workdir, *, quiet: bool = False) -> dict:
         if checkpoint.exists(directory):
             unlearned, meta = checkpoint.restore(directory, original)
         else:
-            ctx = Context(config, network, scenario, original, config.seed + 1000, quiet)
+            progress_root = directory.with_name(directory.name + ".progress")
+            ctx = Context(config, network, scenario, original, config.seed + 1000, quiet, progress_root=progress_root)
             compile_before, t0 = _COMPILE_SECONDS[0], time.perf_counter()
             unlearned = jax.block_until_ready(methods[name](ctx))
             wall = time.perf_counter() - t0
             compile_s = _COMPILE_SECONDS[0] - compile_before
             meta = {"rt_s": wall - compile_s, "compile_s": compile_s, "history": ctx.history}
             checkpoint.save(directory, unlearned, meta)
+            _drop(progress_root)
         row = unlearning_metrics(_outputs(network, unlearned, scenario, config), config.seed)
         row.update(rt_s=meta["rt_s"], compile_s=meta["compile_s"])
         rows[name] = row
