@@ -29,6 +29,7 @@ from dtl_jax.models import build
 
 WIDTHS = {"mlp": (128, 128), "cnn": (16, 32, 64), "resnet18": (64, 128, 256, 512)}
 NUM_CLASSES = 10
+WIDTHS_COL = (10, 10, 7, 10, 10, 9, 9, 10)  # table column widths
 
 
 def _median_ms(call, repeats: int) -> float:
@@ -95,7 +96,8 @@ def main() -> None:
         f"HVP = jax.jvp of jax.grad (forward-over-reverse), jitted; median of {args.repeats}; "
         f"{args.image_size}x{args.image_size}x3; jax {jax.__version__} ({device})"
     )
-    print(f"{'model':<10}{'params':>10}{'batch':>7}{'grad ms':>10}{'HVP ms':>10}{'HVP/s':>9}{'ex/s':>9}{'HVP/grad':>10}")
+    header = ("model", "params", "batch", "grad ms", "HVP ms", "HVP/s", "ex/s", "HVP/grad")
+    print("".join(f"{h:<10}" if i == 0 else f"{h:>{w}}" for i, (h, w) in enumerate(zip(header, WIDTHS_COL))))
     results = []
     for model, batch_size in runs:
         r = measure(model, batch_size, args.image_size, args.repeats)

@@ -239,9 +239,8 @@ def breakdown(ce, params, batch, model, images, labels, num_chunks: int, repeats
     print(f"\nper-chunk components (batch {x.shape[0]}), ms; a GC step is ~K x (gradient + HVP)")
     print(f"{'framework':<10}{'forward':>10}{'gradient':>10}{'HVP':>10}{'HVP/grad':>10}")
     for name, ms in (("jax", jax_ms), ("pytorch", torch_ms)):
-        print(
-            f"{name:<10}{ms['forward']:>10.2f}{ms['gradient']:>10.2f}{ms['hvp']:>10.2f}{ms['hvp'] / ms['gradient']:>10.2f}"
-        )
+        ratio = ms["hvp"] / ms["gradient"]
+        print(f"{name:<10}{ms['forward']:>10.2f}{ms['gradient']:>10.2f}{ms['hvp']:>10.2f}{ratio:>10.2f}")
     print(f"{'jax/torch':<10}" + "".join(f"{jax_ms[k] / torch_ms[k]:>10.2f}" for k in ("forward", "gradient", "hvp")))
     return {"jax_ms": jax_ms, "torch_ms": torch_ms, "chunk_batch": int(x.shape[0])}
 

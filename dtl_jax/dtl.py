@@ -156,13 +156,13 @@ def _supervised(
     return steps.variables_of(state), history, {"halted_at": halted_at, "resumed_from": resumed}
 
 
-def pretrain(exp: Experiment) -> dict:
+def pretrain(exp: Experiment) -> tuple[dict, dict]:
     """Stage 1: backbone + source head, cross-entropy on the source task."""
     c = exp.config
     directory = exp.checkpoint_dir("pretrain", c.seed, c.data, c.model, c.pretrain)
     variables = exp.network.init(jax.random.PRNGKey(c.seed), exp.image_shape, {"source": exp.source.num_classes})
     if checkpoint.exists(directory):
-        return checkpoint.restore(directory, variables)[0]
+        return checkpoint.restore(directory, variables)
     start = time.perf_counter()
     variables, history, status = _supervised(
         exp, "pretrain", variables, exp.source, "source", c.pretrain, None, c.seed, directory
@@ -170,10 +170,10 @@ def pretrain(exp: Experiment) -> dict:
     meta = {"history": history, **status, "seconds": time.perf_counter() - start}
     checkpoint.save(directory, variables, meta)
     _drop_progress(directory)
-    return variables
+    return variables, meta
 
 
-def transfer(exp: Experiment, pretrained: dict) -> dict:
+def transfer(exp: Experiment, pretrained: dict) -> tuple[dict, dict]:
     """Stage 2: a fresh target head, backbone and target head fine-tuned on the target task (the source
     head is kept, frozen): the TL model."""
     c = exp.config
@@ -188,7 +188,7 @@ def transfer(exp: Experiment, pretrained: dict) -> dict:
         },
     }
     if checkpoint.exists(directory):
-        return checkpoint.restore(directory, variables)[0]
+        return checkpoint.restore(directory, variables)
     start = time.perf_counter()
     variables, history, status = _supervised(
         exp, "transfer", variables, exp.target, "target", c.transfer, heads_trainable("target"), c.seed + 12,
@@ -197,7 +197,7 @@ def transfer(exp: Experiment, pretrained: dict) -> dict:
     meta = {"history": history, **status, "seconds": time.perf_counter() - start}
     checkpoint.save(directory, variables, meta)
     _drop_progress(directory)
-    return variables
+    return variables, meta
 
 
 def refit_source_head(exp: Experiment, tl: dict) -> dict:
@@ -397,8 +397,9 @@ def run(config: Config, workdir: str | os.PathLike | None = None, *, quiet: bool
     start = time.perf_counter()
     exp = build_experiment(config, workdir, quiet)
     c = exp.config
-    pretrained = pretrain(exp)
-    tl = transfer(exp, pretrained)
+    pretrained, pretrain_meta = pretrain(exp)
+    tl, transfer_meta = transfer(exp, pretrained)
+    stages = {"pretrain": pretrain_meta, "transfer": transfer_meta}
     tl_id = exp.checkpoint_dir("transfer", c.seed, c.data, c.model, c.pretrain, c.transfer).name
     random_init = exp.network.init(
         jax.random.PRNGKey(c.seed + 51),
@@ -418,8 +419,15 @@ def run(config: Config, workdir: str | os.PathLike | None = None, *, quiet: bool
     for name, (variables, identity) in models.items():
         row = evaluate_model(exp, variables)
         pl = piggyback_learning(exp, name, variables, identity)
+        stages[f"piggyback {name}"] = pl
         row.update(pl_acc=pl["pl_acc"], pl_curve=pl["pl_curve"])
         results["models"][name] = row
+    stages.update({f"disposal {m}": meta for m, meta in disposal.items()})
+    # The divergence guard's record for every stage: a halted stage kept its last good state.
+    results["stages"] = {
+        name: {"diverged": meta.get("halted_at") is not None, "halted_at": meta.get("halted_at")}
+        for name, meta in stages.items()
+    }
     for method, meta in disposal.items():
         results["disposal"][method] = {k: v for k, v in meta.items() if k != "history"}
         results["disposal"][method]["final_unlearn"] = meta["history"][-1]["unlearn"] if meta["history"] else None

@@ -152,3 +152,22 @@ def test_pipeline_end_to_end_and_stage_reuse(tmp_path, monkeypatch):
     dtl.run(changed, tmp_path, quiet=True)
     assert "pretrain" not in ran and "transfer" not in ran
     assert "disposal gc" in ran and "piggyback gc" in ran and "piggyback tl" not in ran
+
+
+def test_divergence_is_caught_recorded_and_metrics_stay_finite(tmp_path):
+    from dtl_jax.config import DisposalConfig, OptimConfig
+
+    exploding = DisposalConfig(
+        methods=("gc", "ga"), gc_lambda=1e8, fooling_lambda=1e8, steps=8, eval_every=4, num_chunks=4,
+        source_batch_size=32, max_grad_norm=1e3, optim=OptimConfig(optimizer="sgd", learning_rate=10.0),
+    )  # fmt: skip
+    results = dtl.run(tiny_config(disposal=exploding), tmp_path, quiet=True)
+    for method in ("gc", "ga"):
+        record = results["disposal"][method]
+        assert record["diverged"] is True and record["halted_at"] is not None
+        assert results["stages"][f"disposal {method}"] == {"diverged": True, "halted_at": record["halted_at"]}
+        row = results["models"][method]
+        assert all(np.isfinite(row[k]) for k in ("target_acc", "source_acc", "pl_acc", "mia_acc"))
+    assert results["stages"]["pretrain"]["diverged"] is False
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["disposal"]["gc"]["diverged"] is True
