@@ -1,13 +1,25 @@
-"""GC step vs plain cross-entropy gradient step, timed in the same run.
+"""GC step vs plain cross-entropy gradient step, and variants of the GC gradient, timed in one run.
 
-Both are full jitted train steps (loss, gradient, SGD update with donated parameters) on the same
-batch and the same model. The GC step is what disposal pays per source batch: ``K`` chunk gradients
-plus ``K`` forward-over-reverse HVPs (``dtl_jax.gc.gc_loss``). Reports the median of repeats after a
-warm-up (compilation excluded, ``block_until_ready`` on every step) and the ratio GC / plain.
-Target (issue 2): ratio at most 1.6 for the small CNN, K = 4, batch 128.
+Every step is a full jitted update (gradient, then SGD on parameters donated to the step) on the same
+batch and model. The plain step differentiates the batch's mean cross-entropy; a GC step differentiates
+GC (METHODS.md §1.1) over ``K`` contiguous chunks of the same batch. Variants of the GC gradient:
 
-    python benchmarks/gc_step.py                      # small CNN, K=4, batch 128, 32x32
-    python benchmarks/gc_step.py --model mlp --batch 256 --chunks 8 --json out.json
+- ``jvp`` (library default): ``dtl_jax.gc.gc_loss``; chunks unrolled, forward-over-reverse HVPs
+  recomputed in the backward pass of its ``custom_vjp``;
+- ``linearize``: ``gc_loss(..., hvp="linearize")``, linearisations kept from the forward pass;
+- ``sharded``: ``dtl_jax.gc.sharded_collision`` under ``jax.shard_map`` on one device (the path the
+  disposal step takes);
+- ``vmap``: chunk gradients and HVPs ``jax.vmap``-ed over the chunk axis (no custom rule);
+- ``scan``: the same with ``jax.lax.scan`` over chunks;
+- ``rev-rev``: ``jax.grad`` of the definition (reverse-over-reverse through the chunk gradients).
+
+Every variant's gradient is checked against ``jvp``'s. Median of repeats after a warm-up (compilation
+excluded), ``block_until_ready`` on every step. Target (issue 2): ``jvp`` at most 1.6 plain steps for the
+small CNN, K = 4, batch 128.
+
+    python benchmarks/gc_step.py                                   # small CNN, K=4, batch 128, 32x32
+    python benchmarks/gc_step.py --models mlp,cnn --batches 64,256 --chunks 2,8 --variants jvp,vmap
+    python benchmarks/gc_step.py --models resnet18 --batches 64 --variants jvp,linearize --repeats 3
 """
 
 from __future__ import annotations
@@ -19,38 +31,81 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from dtl_jax import losses
 from dtl_jax.config import ModelConfig
-from dtl_jax.gc import HVP_MODES, gc_loss
+from dtl_jax.gc import gc_loss, pairwise_collision, sharded_collision, split_chunks
 from dtl_jax.models import build
 
+VARIANTS = ("jvp", "linearize", "sharded", "vmap", "scan", "rev-rev")
+WIDTHS = {"mlp": (256, 256), "cnn": (16, 32, 64), "resnet18": (64, 128, 256, 512)}
 
-def _steps(network, num_chunks):
-    tx = optax.sgd(0.01)
 
-    def ce(params, batch):
-        logits, _, _ = network.apply({"params": params, "batch_stats": {}}, batch["image"], head="source", train=True)
-        return losses.cross_entropy(logits, batch["label"])
+def _gc_direction(grads_stacked, num_chunks):
+    """``v_k = 2(G - g_k)/(K(K-1))`` for chunk gradients stacked on a leading axis."""
+    total = jax.tree.map(lambda g: jnp.sum(g, 0), grads_stacked)
+    return jax.tree.map(lambda t, g: 2.0 * (t[None] - g) / (num_chunks * (num_chunks - 1)), total, grads_stacked)
 
-    def plain(params, batch):
-        grads = jax.grad(ce)(params, batch)
-        return optax.apply_updates(params, tx.update(grads, tx.init(params))[0])
 
-    def collision(hvp):
-        def step(params, batch):
-            grads = jax.grad(lambda p: gc_loss(ce, p, batch, num_chunks, hvp=hvp))(params)
-            return optax.apply_updates(params, tx.update(grads, tx.init(params))[0])
+def gradient_fns(ce, num_chunks):
+    """Each variant as ``grad(params, batch)`` of GC."""
+    grad_ce = jax.grad(ce)
 
-        return jax.jit(step, donate_argnums=0)
+    def hvp(params, chunk, direction):
+        return jax.jvp(lambda p: grad_ce(p, chunk), (params,), (direction,))[1]
 
-    return jax.jit(plain, donate_argnums=0), {mode: collision(mode) for mode in HVP_MODES}
+    def vmapped(params, batch):
+        chunks = split_chunks(batch, num_chunks)
+        grads = jax.vmap(grad_ce, in_axes=(None, 0))(params, chunks)
+        products = jax.vmap(hvp, in_axes=(None, 0, 0))(params, chunks, _gc_direction(grads, num_chunks))
+        return jax.tree.map(lambda h: jnp.sum(h, 0), products)
+
+    def scanned(params, batch):
+        chunks = split_chunks(batch, num_chunks)
+        _, grads = jax.lax.scan(lambda c, chunk: (c, grad_ce(params, chunk)), None, chunks)
+        directions = _gc_direction(grads, num_chunks)
+
+        def body(acc, xs):
+            chunk, direction = xs
+            return jax.tree.map(jnp.add, acc, hvp(params, chunk, direction)), None
+
+        zero = jax.tree.map(jnp.zeros_like, params)
+        return jax.lax.scan(body, zero, (chunks, directions))[0]
+
+    def reverse_over_reverse(params, batch):
+        def definition(p):
+            chunks = split_chunks(batch, num_chunks)
+            return pairwise_collision(
+                [grad_ce(p, jax.tree.map(lambda x, k=k: x[k], chunks)) for k in range(num_chunks)]
+            )
+
+        return jax.grad(definition)(params)
+
+    mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+
+    def sharded(params, batch):
+        def local(p, b):
+            _, share = sharded_collision(ce, p, b, num_chunks, "data")
+            return jax.lax.psum(share, "data")
+
+        return jax.shard_map(local, mesh=mesh, in_specs=(P(), P("data")), out_specs=P())(params, batch)
+
+    return {
+        "jvp": lambda p, b: jax.grad(lambda q: gc_loss(ce, q, b, num_chunks))(p),
+        "linearize": lambda p, b: jax.grad(lambda q: gc_loss(ce, q, b, num_chunks, hvp="linearize"))(p),
+        "sharded": sharded,
+        "vmap": vmapped,
+        "scan": scanned,
+        "rev-rev": reverse_over_reverse,
+    }
 
 
 def _median_ms(step, params, batch, repeats):
-    params = step(params, batch)  # warm-up: compile and run once
-    jax.block_until_ready(params)
+    params = jax.block_until_ready(step(params, batch))  # warm-up: compile and run once
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -59,55 +114,87 @@ def _median_ms(step, params, batch, repeats):
     return statistics.median(times), params
 
 
-def measure(model: str, batch_size: int, num_chunks: int, image_size: int, repeats: int) -> dict:
-    network = build(ModelConfig(name=model, widths=(16, 32, 64) if model == "cnn" else (128, 128)))
+def measure(model: str, batch_size: int, num_chunks: int, image_size: int, repeats: int, variants) -> list[dict]:
+    network = build(ModelConfig(name=model, widths=WIDTHS[model]))
     key = jax.random.PRNGKey(0)
     variables = network.init(key, (image_size, image_size, 3), {"source": 10})
+    stats = variables["batch_stats"]
     batch = {
         "image": jax.random.normal(key, (batch_size, image_size, image_size, 3)),
         "label": jnp.arange(batch_size) % 10,
     }
-    plain, collision = _steps(network, num_chunks)
-    params = variables["params"]
-    plain_ms, params = _median_ms(plain, params, batch, repeats)
-    gc_ms = {}
-    for mode, step in collision.items():
-        gc_ms[mode], params = _median_ms(step, params, batch, repeats)
-    plain_again, params = _median_ms(plain, params, batch, repeats)  # drift check on a noisy machine
-    plain_ms = min(plain_ms, plain_again)
-    return {
-        "model": model,
-        "batch": batch_size,
-        "num_chunks": num_chunks,
-        "image_size": image_size,
-        "plain_ms": plain_ms,
-        "gc_ms": gc_ms,
-        "ratio": {m: t / plain_ms for m, t in gc_ms.items()},
-        "device": str(jax.devices()[0].device_kind),
-        "jax": jax.__version__,
-    }
+    tx = optax.sgd(0.01)
+
+    def ce(params, batch):  # train-mode forward; BatchNorm's new running statistics are discarded
+        logits, _, _ = network.apply(
+            {"params": params, "batch_stats": stats}, batch["image"], head="source", train=True
+        )
+        return losses.cross_entropy(logits, batch["label"])
+
+    def as_step(grad_fn):
+        def step(params, batch):
+            return optax.apply_updates(params, tx.update(grad_fn(params, batch), tx.init(params))[0])
+
+        return jax.jit(step, donate_argnums=0)
+
+    fns = gradient_fns(ce, num_chunks)
+    copy = lambda: jax.tree.map(jnp.array, variables["params"])  # noqa: E731
+    reference = jax.jit(fns["jvp"])(variables["params"], batch)
+    plain_ms, _ = _median_ms(as_step(jax.grad(ce)), copy(), batch, repeats)
+    rows = []
+    for name in variants:
+        grads = jax.jit(fns[name])(variables["params"], batch)
+        error = max(
+            float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-30))
+            for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(reference))
+        )
+        ms, _ = _median_ms(as_step(fns[name]), copy(), batch, repeats)
+        rows.append({"model": model, "batch": batch_size, "num_chunks": num_chunks, "image_size": image_size,
+                     "variant": name, "plain_ms": plain_ms, "gc_ms": ms, "ratio": ms / plain_ms,
+                     "max_rel_diff_vs_jvp": error})  # fmt: skip
+    plain_again, _ = _median_ms(as_step(jax.grad(ce)), copy(), batch, repeats)  # drift check
+    for row in rows:
+        row["plain_ms_after"] = plain_again
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="cnn", choices=("cnn", "mlp"))
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--chunks", type=int, default=4)
+    parser.add_argument("--models", default="cnn", help="comma list of mlp, cnn, resnet18")
+    parser.add_argument("--batches", default="128")
+    parser.add_argument("--chunks", default="4")
+    parser.add_argument("--variants", default="jvp,linearize,sharded,vmap", help=f"comma list of {', '.join(VARIANTS)}")
     parser.add_argument("--image-size", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--json", default=None, help="also write the result here")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--json", default=None, help="also write the rows here")
     args = parser.parse_args()
-    result = measure(args.model, args.batch, args.chunks, args.image_size, args.repeats)
-    print(f"{'model':<8}{'batch':>6}{'K':>4}{'hvp':>11}{'plain ms':>10}{'GC ms':>10}{'GC/plain':>10}")
-    for mode in HVP_MODES:
-        print(
-            f"{result['model']:<8}{result['batch']:>6}{result['num_chunks']:>4}{mode:>11}"
-            f"{result['plain_ms']:>10.1f}{result['gc_ms'][mode]:>10.1f}{result['ratio'][mode]:>10.2f}"
-            f"   ({result['device']})"
-        )
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        raise SystemExit(f"gc_step: unknown variant(s) {', '.join(unknown)}: expected {', '.join(VARIANTS)}")
+    rows = []
+    print(
+        f"{'model':<9}{'batch':>6}{'K':>4}{'variant':>11}{'plain ms':>10}{'GC ms':>10}{'GC/plain':>9}{'rel diff':>10}"
+    )
+    for model in args.models.split(","):
+        for batch in map(int, args.batches.split(",")):
+            for k in map(int, args.chunks.split(",")):
+                for r in measure(model, batch, k, args.image_size, args.repeats, variants):
+                    rows.append(r)
+                    shape = f"{r['model']:<9}{r['batch']:>6}{r['num_chunks']:>4}{r['variant']:>11}"
+                    times = f"{r['plain_ms']:>10.1f}{r['gc_ms']:>10.1f}{r['ratio']:>9.2f}"
+                    print(f"{shape}{times}{r['max_rel_diff_vs_jvp']:>10.1e}", flush=True)
+    best = {}
+    for r in rows:
+        key = (r["model"], r["batch"], r["num_chunks"])
+        if key not in best or r["gc_ms"] < best[key]["gc_ms"]:
+            best[key] = r
+    for (model, batch, k), r in best.items():
+        print(f"fastest for {model} batch {batch} K {k}: {r['variant']} ({r['ratio']:.2f} plain steps)")
+    print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+            json.dump(rows, f, indent=1)
 
 
 if __name__ == "__main__":

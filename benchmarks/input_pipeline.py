@@ -7,8 +7,9 @@ tasks (``dtl_jax.data.tasks.make_task`` with ``Config().data``), the default CNN
 each pair placed with ``shard_batch``. The step loop mimics ``dtl_jax.train.loop.run_steps``: steps are
 dispatched asynchronously and the metrics are fetched every ``--log-every`` steps (one host sync).
 
-Variants, timed in the same run, interleaved in ``--rounds`` rounds of ``--steps`` steps (median of
-rounds reported):
+Variants, timed in the same run, interleaved in ``--rounds`` short rounds of ``--steps`` steps (the order
+alternating between rounds). On a shared machine the load drifts by 2x within a minute, so ratios are
+paired: each round's variant rate over that round's ``fixed`` rate, median over rounds:
 
 * ``loader``: the real pipeline, as in ``dispose``;
 * ``fixed``: the same step fed one batch pair already on the device (no host work per step);
@@ -140,6 +141,9 @@ def measure(num_steps: int, rounds: int, log_every: int, method: str) -> dict:
         full.append((t3 - t2) * 1e3)
         sync.append((t4 - t3) * 1e3)
     steps_per_s = {name: statistics.median(v) for name, v in rates.items()}
+    paired = {
+        name: statistics.median(a / b for a, b in zip(v, rates["fixed"], strict=True)) for name, v in rates.items()
+    }
     return {
         "method": method,
         "source_batch": d.source_batch_size,
@@ -151,8 +155,9 @@ def measure(num_steps: int, rounds: int, log_every: int, method: str) -> dict:
         "rounds": rounds,
         "steps_per_s": steps_per_s,
         "all_rounds": rates,
-        "ratio_loader": steps_per_s["loader"] / steps_per_s["fixed"],
-        "ratio_prefetch": steps_per_s["prefetch"] / steps_per_s["fixed"],
+        "ratio": paired,
+        "ratio_loader": paired["loader"],
+        "ratio_prefetch": paired["prefetch"],
         "host_assemble_ms": statistics.median(assemble),
         "host_place_ms": statistics.median(place),
         "host_loader_next_ms": statistics.median(full),
@@ -165,8 +170,8 @@ def measure(num_steps: int, rounds: int, log_every: int, method: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=60, help="steps per round and variant")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=20, help="steps per round and variant")
+    parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--log-every", type=int, default=10, help="metrics fetch interval (run_steps: 10)")
     parser.add_argument("--method", default="gc", choices=("gc", "ngc", "rtf", "utf", "ga"))
     parser.add_argument("--target", type=float, default=0.95, help="smallest acceptable loader / fixed ratio")
@@ -177,11 +182,11 @@ def main() -> None:
         f"{args.method} disposal step, source batch {r['source_batch']} (K={r['num_chunks']}), target batch "
         f"{r['target_batch']}, images {r['image_shape']}, {r['devices']} device(s), {r['device']}"
     )
-    print(f"{'variant':<10}{'steps/s':>9}{'ratio':>8}   rounds (steps/s)")
+    print(f"{'variant':<10}{'steps/s':>9}{'ratio':>8}   rounds (steps/s); ratio: median of per-round ratios to fixed")
     for name in ("fixed", "loader", "prefetch"):
         rounds = " ".join(f"{x:.1f}" for x in r["all_rounds"][name])
         rate = r["steps_per_s"][name]
-        print(f"{name:<10}{rate:>9.1f}{rate / r['steps_per_s']['fixed']:>8.2f}   {rounds}")
+        print(f"{name:<10}{rate:>9.1f}{r['ratio'][name]:>8.2f}   {rounds}")
     print(
         f"per step (median): host assembly {r['host_assemble_ms']:.2f} ms, shard_batch {r['host_place_ms']:.2f} ms, "
         f"loader next() {r['host_loader_next_ms']:.2f} ms; synchronous step {r['sync_step_ms']:.2f} ms"

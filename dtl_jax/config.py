@@ -147,6 +147,7 @@ class Config:
         steps=150,
         eval_every=10,
         max_target_drop=0.03,
+        selection="min_probe",
     )
     piggyback: OptimConfig = OptimConfig(optimizer="sgd", learning_rate=0.003, epochs=50, batch_size=32)
     eval: EvalConfig = EvalConfig()
