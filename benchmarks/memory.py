@@ -6,7 +6,7 @@ Both are full jitted train steps (loss, gradient, SGD update with donated parame
 per ``hvp`` mode ("jvp", "linearize"). Nothing is run: each step is lowered and compiled and
 ``compiled.memory_analysis()`` gives ``temp_size_in_bytes`` (XLA's buffer-assignment peak of
 intermediate buffers), argument and output sizes. Reports the ratio GC temp / plain temp.
-Target (issue 2): at most 2.5.
+Target: at most 2.5.
 
     python benchmarks/memory.py                              # CNN and MLP, batches 64/128/256, K=4
     python benchmarks/memory.py --models cnn --batches 128 --chunks 8 --json memory.json

@@ -13,8 +13,8 @@ same SGD update, same initial weights (the JAX initialisation copied into the to
 
 Before timing, the GC value and the GC gradient of the first convolution kernel are computed by both
 frameworks on the same weights and checked to agree (relative tolerance ``--rtol``). Timings are the median
-of repeats after a warm-up (``block_until_ready`` for JAX; torch on CPU is synchronous), measured in
-``--rounds`` interleaved rounds, keeping each step's best round (the machine may be shared). If our GC step
+of repeats after a warm-up (``block_until_ready`` for JAX; torch on CPU is synchronous), the steps taking
+turns call by call, so that a shared machine's changing load hits all of them alike. If our GC step
 is slower than PyTorch's (or with ``--breakdown``), per-chunk component timings (forward, gradient, HVP)
 are printed for both frameworks. Torch uses ``--threads`` intra-op threads (default ``os.cpu_count()``);
 XLA on CPU uses its own thread pool over all cores.
@@ -138,15 +138,19 @@ def jax_steps(ce, num_chunks, hvp):
 
 
 # ---------------------------------------------------------------------------------------------- timing
-def _median_ms(call, repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        call()
-    times = []
+def _interleaved_median_ms(calls: dict, repeats: int, warmup: int = 2) -> dict:
+    """Median ms per call; the calls take turns (one call each per repeat), so that the load of a shared
+    machine, which changes over seconds, hits every call alike."""
+    for call in calls.values():
+        for _ in range(warmup):  # the first JAX call compiles
+            call()
+    times = {name: [] for name in calls}
     for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 class _JaxStepper:
@@ -210,10 +214,10 @@ def breakdown(ce, params, batch, model, images, labels, num_chunks: int, repeats
     forward = jax.jit(ce)
     gradient = jax.jit(jax.grad(ce))
     hvp = jax.jit(lambda p, b, v: jax.jvp(lambda q: jax.grad(ce)(q, b), (p,), (v,))[1])
-    jax_ms = {
-        "forward": _median_ms(lambda: jax.block_until_ready(forward(params, chunk)), repeats),
-        "gradient": _median_ms(lambda: jax.block_until_ready(gradient(params, chunk)), repeats),
-        "hvp": _median_ms(lambda: jax.block_until_ready(hvp(params, chunk, direction)), repeats),
+    jax_calls = {
+        "forward": lambda: jax.block_until_ready(forward(params, chunk)),
+        "gradient": lambda: jax.block_until_ready(gradient(params, chunk)),
+        "hvp": lambda: jax.block_until_ready(hvp(params, chunk, direction)),
     }
 
     x, y = images[: images.shape[0] // num_chunks], labels[: labels.shape[0] // num_chunks]
@@ -231,11 +235,17 @@ def breakdown(ce, params, batch, model, images, labels, num_chunks: int, repeats
         grads = torch.autograd.grad(F.cross_entropy(model(x), y), torch_params, create_graph=True)
         torch.autograd.grad(grads, torch_params, grad_outputs=torch_direction)
 
-    torch_ms = {
-        "forward": _median_ms(t_forward, repeats),
-        "gradient": _median_ms(t_gradient, repeats),
-        "hvp": _median_ms(t_hvp, repeats),
-    }
+    ms = _interleaved_median_ms(
+        {
+            **{f"jax_{k}": c for k, c in jax_calls.items()},
+            "torch_forward": t_forward,
+            "torch_gradient": t_gradient,
+            "torch_hvp": t_hvp,
+        },
+        repeats,
+    )
+    jax_ms = {k: ms[f"jax_{k}"] for k in jax_calls}
+    torch_ms = {k: ms[f"torch_{k}"] for k in jax_calls}
     print(f"\nper-chunk components (batch {x.shape[0]}), ms; a GC step is ~K x (gradient + HVP)")
     print(f"{'framework':<10}{'forward':>10}{'gradient':>10}{'HVP':>10}{'HVP/grad':>10}")
     for name, ms in (("jax", jax_ms), ("pytorch", torch_ms)):
@@ -272,11 +282,7 @@ def measure(args) -> dict:
         "jax_gc": _JaxStepper(jax_gc, copy(), batch),
     }
     calls["torch_plain"], calls["torch_gc"] = torch_steps(model, images, labels, args.chunks)
-    rounds = {name: [] for name in calls}
-    for _ in range(args.rounds):  # interleaved: drift on a shared machine hits every step alike
-        for name, call in calls.items():
-            rounds[name].append(_median_ms(call, args.repeats))
-    ms = {name: min(times) for name, times in rounds.items()}
+    ms = _interleaved_median_ms(calls, args.repeats)
     result = {
         "model": "cnn",
         "widths": list(WIDTHS),
@@ -286,7 +292,6 @@ def measure(args) -> dict:
         "hvp": args.hvp,
         "check": check,
         "ms": ms,
-        "rounds_ms": rounds,
         "gc_over_plain": {"jax": ms["jax_gc"] / ms["jax_plain"], "torch": ms["torch_gc"] / ms["torch_plain"]},
         "ours_over_pytorch": {"plain": ms["jax_plain"] / ms["torch_plain"], "gc": ms["jax_gc"] / ms["torch_gc"]},
         "torch_threads": threads,
@@ -297,8 +302,8 @@ def measure(args) -> dict:
     }
     print(
         f"\n{'framework':<10}{'plain ms':>10}{'GC ms':>10}{'GC/plain':>10}   "
-        f"(batch {args.batch}, K={args.chunks}, {args.image_size}x{args.image_size}x3, median of {args.repeats}, "
-        f"best of {args.rounds} rounds)"
+        f"(batch {args.batch}, K={args.chunks}, {args.image_size}x{args.image_size}x3, "
+        f"median of {args.repeats}, interleaved)"
     )
     for name, label in (("jax", "jax"), ("torch", "pytorch")):
         plain, gc = ms[f"{name}_plain"], ms[f"{name}_gc"]
@@ -324,8 +329,7 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=4)
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--hvp", default="jvp", choices=HVP_MODES, help="gc_loss's HVP mode")
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds; the best median is kept")
+    parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: os.cpu_count())")
     parser.add_argument("--rtol", type=float, default=1e-4, help="GC value tolerance (gradients: 10x)")
     parser.add_argument("--breakdown", action="store_true", help="always print the per-component breakdown")
