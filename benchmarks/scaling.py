@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -37,19 +36,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _all_reduce_sizes(hlo: str) -> list[int]:
-    """Element counts of every all-reduce result in an HLO module (tuples summed)."""
-    import numpy as np
-
-    sizes = []
-    for line in hlo.splitlines():
-        match = re.search(r"= (.*?) all-reduce(-start)?\(", line)
-        if match:
-            shapes = re.findall(r"[fs]32\[([\d,]*)\]", match.group(1))
-            sizes.append(sum(int(np.prod([int(d) for d in s.split(",") if d] or [1])) for s in shapes))
-    return sizes
-
-
 def child(args: argparse.Namespace) -> dict:
     import jax
     import numpy as np
@@ -57,7 +43,7 @@ def child(args: argparse.Namespace) -> dict:
     from dtl_jax.config import DisposalConfig, ModelConfig, OptimConfig
     from dtl_jax.models import build
     from dtl_jax.train import steps
-    from dtl_jax.train.mesh import data_mesh, shard_batch
+    from dtl_jax.train.mesh import all_reduce_sizes, data_mesh, shard_batch
     from dtl_jax.train.optim import make_optimizer
 
     n = jax.device_count()
@@ -89,7 +75,7 @@ def child(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     compiled = step.lower(steps.init_state(variables, tx, 0), source_d, target_d).compile()
     compile_s = time.perf_counter() - start
-    all_reduces = _all_reduce_sizes(compiled.as_text())
+    all_reduces = all_reduce_sizes(compiled.as_text())
 
     step = compiled  # run the AOT-compiled executable: no second compilation on the first call
     state, metrics = step(steps.init_state(variables, tx, 0), source_d, target_d)  # one step from the TL state

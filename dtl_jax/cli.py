@@ -51,6 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--workdir", default=None, help="where checkpoints and results.json go (default: runs/default)")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--overwrite", action="store_true", help="reuse a workdir made with another config")
     dist = run.add_argument_group(
         "multi-process jobs (jax.distributed; defaults from JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID)"
     )
@@ -83,6 +84,7 @@ def _parser() -> argparse.ArgumentParser:
         "--workdir", default=None, help="where checkpoints and results.json go (default: runs/unlearn)"
     )
     unlearn.add_argument("--quiet", action="store_true", help="no progress bars")
+    unlearn.add_argument("--overwrite", action="store_true", help="reuse a workdir made with another config")
     return parser
 
 
@@ -145,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             from dtl_jax import dtl as module
 
             workdir = args.workdir or config.workdir
-        results = module.run(config, workdir, quiet=args.quiet)
+        results = module.run(config, workdir, quiet=args.quiet, overwrite=args.overwrite)
     except UserError as err:
         print(f"dtl-jax: error: {err}", file=sys.stderr)
         return 2

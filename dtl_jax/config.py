@@ -18,6 +18,9 @@ from typing import Any
 class UserError(Exception):
     """A mistake in the user's input: reported as one line, exit code 2, no traceback."""
 
+    def __str__(self) -> str:  # one line, whatever the user typed
+        return " ".join(super().__str__().splitlines())
+
 
 @dataclasses.dataclass(frozen=True)
 class TaskConfig:

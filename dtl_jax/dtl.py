@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
-import json
 import os
 import shutil
 import time
 from pathlib import Path
 
 import jax
-import numpy as np
 from jax.sharding import Mesh
 
 from dtl_jax import checkpoint, evaluate
@@ -33,11 +30,7 @@ from dtl_jax.train import steps
 from dtl_jax.train.loop import Bookkeeping, run_steps
 from dtl_jax.train.mesh import check_divisible, data_mesh, shard_batch
 from dtl_jax.train.optim import heads_trainable, make_optimizer
-
-
-def _fingerprint(*parts) -> str:
-    text = json.dumps([dataclasses.asdict(p) if dataclasses.is_dataclass(p) else p for p in parts], sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:10]
+from dtl_jax.workdir import fingerprint, prepare, versions, write_json
 
 
 @dataclasses.dataclass
@@ -73,7 +66,7 @@ class Experiment:
         return evaluate.accuracy(logits, split.labels)
 
     def checkpoint_dir(self, stage: str, *parts) -> Path:
-        return self.workdir / "checkpoints" / f"{stage}-{_fingerprint(*parts)}"
+        return self.workdir / "checkpoints" / f"{stage}-{fingerprint(*parts)}"
 
 
 _PREDICT: dict = {}
@@ -390,10 +383,12 @@ def evaluate_model(exp: Experiment, variables: dict) -> dict:
     return out
 
 
-def run(config: Config, workdir: str | os.PathLike | None = None, *, quiet: bool = False) -> dict:
-    """The whole DTL experiment; writes ``workdir/results.json`` (atomically) and returns the results."""
-    workdir = Path(workdir or config.workdir)
-    _check_workdir(workdir)
+def run(
+    config: Config, workdir: str | os.PathLike | None = None, *, quiet: bool = False, overwrite: bool = False
+) -> dict:
+    """The whole DTL experiment; writes ``workdir/results.json`` (atomically) and returns the results.
+    A workdir made by a run with another config is refused unless ``overwrite``."""
+    workdir = prepare(Path(workdir or config.workdir), validate(config), "run", overwrite)
     start = time.perf_counter()
     exp = build_experiment(config, workdir, quiet)
     c = exp.config
@@ -436,49 +431,10 @@ def run(config: Config, workdir: str | os.PathLike | None = None, *, quiet: bool
         for t in (exp.source, exp.target, exp.piggyback)
     }
     results["config"] = to_dict(c)
-    results["versions"] = _versions()
+    results["versions"] = versions()
     results["seconds"] = time.perf_counter() - start
     write_json(workdir / "results.json", results)
     return results
-
-
-def _versions() -> dict:
-    import flax
-    import optax
-
-    from dtl_jax import __version__
-
-    return {"dtl_jax": __version__, "jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__}
-
-
-def _check_workdir(workdir: Path) -> None:
-    try:
-        workdir.mkdir(parents=True, exist_ok=True)
-        probe = workdir / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as err:
-        raise UserError(f"workdir {str(workdir)!r} cannot be written: {err.strerror or err}") from None
-
-
-def write_json(path: Path, data: dict) -> None:
-    """Writes JSON atomically (temporary file, then rename): a reader never sees a partial file. In a
-    multi-process job only process 0 writes."""
-    if jax.process_index() != 0:
-        return
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(_jsonable(data), indent=1))
-    tmp.replace(path)
-
-
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, (np.floating, np.integer, np.bool_)):
-        return x.item()
-    return x
 
 
 TABLE_COLUMNS = (

@@ -5,7 +5,6 @@ counts the parameter-size all-reduces in the compiled HLO, and checks the mesh e
 """
 
 import json
-import re
 import sys
 
 STEPS = int(sys.argv[1]) if len(sys.argv) > 1 else 1
@@ -18,7 +17,7 @@ def main() -> None:
     from dtl_jax.config import DisposalConfig, ModelConfig, OptimConfig, UserError
     from dtl_jax.models import build
     from dtl_jax.train import steps
-    from dtl_jax.train.mesh import check_divisible, data_mesh
+    from dtl_jax.train.mesh import all_reduce_sizes, check_divisible, data_mesh
     from dtl_jax.train.optim import make_optimizer
 
     assert jax.device_count() == 4, jax.devices()
@@ -44,7 +43,7 @@ def main() -> None:
             if devices == 4:
                 hlo = step.lower(steps.init_state(variables, tx, 0), source, target).compile().as_text()
                 sizes = sum(x.size for x in jax.tree.leaves(variables["params"]))
-                out[f"{method}_all_reduces"] = _all_reduce_sizes(hlo)
+                out[f"{method}_all_reduces"] = all_reduce_sizes(hlo)
                 out["param_count"] = sizes
         (l1, p1), (l4, p4) = results[1], results[4]
         out[f"{method}_unlearn_rel"] = float(np.max(np.abs(np.array(l1) - l4) / (np.abs(l1) + 1e-12)))
@@ -58,18 +57,5 @@ def main() -> None:
     print(json.dumps(out))
 
 
-def _all_reduce_sizes(hlo: str) -> list[int]:
-    """Element counts of every all-reduce result in an HLO module (tuples summed)."""
-    sizes = []
-    for line in hlo.splitlines():
-        match = re.search(r"= (.*?) all-reduce(-start)?\(", line)
-        if match:
-            shapes = re.findall(r"f32\[([\d,]*)\]", match.group(1))
-            sizes.append(sum(int(np.prod([int(d) for d in s.split(",") if d] or [1])) for s in shapes))
-    return sizes
-
-
 if __name__ == "__main__":
-    import numpy as np
-
     sys.exit(main())

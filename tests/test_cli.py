@@ -1,5 +1,6 @@
 """The command line: user errors give one line and exit code 2; the pipeline end to end on a tiny config."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -12,6 +13,7 @@ from conftest import tiny_config
 from PIL import Image
 
 from dtl_jax import cli, dtl
+from dtl_jax.config import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = [
@@ -107,7 +109,7 @@ def test_console_script_prints_no_traceback(tmp_path):
     )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
-    assert proc.stderr.strip() == "dtl-jax: error: --set disposal.gc_lambda=big: expected a value of type float"
+    assert proc.stderr.strip() == "dtl-jax: error: --set disposal.gc_lambda='big': expected a value of type float"
     help_text = subprocess.run(
         [sys.executable, "-m", "dtl_jax.cli", "run", "--help"], capture_output=True, text=True, env=env, timeout=60
     ).stdout
@@ -149,7 +151,9 @@ def test_pipeline_end_to_end_and_stage_reuse(tmp_path, monkeypatch):
             **{**tiny_config().disposal.__dict__, "gc_lambda": 0.5, "methods": ("gc",)}
         )
     )
-    dtl.run(changed, tmp_path, quiet=True)
+    with pytest.raises(UserError, match="holds a 'run' run with another config"):
+        dtl.run(changed, tmp_path, quiet=True)
+    dtl.run(changed, tmp_path, quiet=True, overwrite=True)
     assert "pretrain" not in ran and "transfer" not in ran
     assert "disposal gc" in ran and "piggyback gc" in ran and "piggyback tl" not in ran
 
@@ -171,3 +175,13 @@ def test_divergence_is_caught_recorded_and_metrics_stay_finite(tmp_path):
     assert results["stages"]["pretrain"]["diverged"] is False
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["disposal"]["gc"]["diverged"] is True
+
+
+def test_same_seed_twice_is_bit_identical(tmp_path):
+    config = tiny_config(disposal=dataclasses.replace(tiny_config().disposal, methods=("gc", "rtf")))
+    first = dtl.run(config, tmp_path / "a", quiet=True)
+    second = dtl.run(config, tmp_path / "b", quiet=True)
+    assert first["models"] == second["models"]
+    strip = lambda d: {m: {k: v for k, v in r.items() if k != "seconds"} for m, r in d["disposal"].items()}  # noqa: E731
+    assert strip(first) == strip(second)
+    assert first["versions"]["dtl_jax"] and first["config"]["seed"] == 0

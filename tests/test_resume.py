@@ -73,3 +73,41 @@ def test_sigkill_mid_stage_then_resume_gives_the_same_results(tmp_path, uninterr
     metas = [json.loads(p.read_text()) for p in tmp_path.glob(f"checkpoints/{stage}-*/meta.json")]
     assert any(m.get("resumed_from", 0) > 0 for m in metas), "the stage started over instead of resuming"
     assert not list(tmp_path.glob("checkpoints/*.progress"))  # cleaned up once the stages finished
+
+
+UNLEARN = [
+    "unlearn", "--quiet", "--methods", "retrain,ft,sure", "--set", "unlearn.task.dataset=digits",
+    "--set", "data.image_size=0", "--set", "data.channels=1", "--set", "data.flip=false", "--set", "model.name=mlp",
+    "--set", "model.widths=32", "--set", "unlearn.original.epochs=3", "--set", "unlearn.optim.epochs=2",
+    "--set", "checkpoint_every=4",
+]  # fmt: skip
+
+
+def _unlearn(workdir: Path, kill_when: str | None = None) -> dict | int:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dtl_jax.cli", *UNLEARN, "--workdir", str(workdir)],
+        env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    if kill_when is not None:
+        deadline = time.time() + 600
+        while time.time() < deadline and proc.poll() is None:
+            if list(workdir.glob(kill_when)):
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.02)
+        proc.communicate(timeout=60)
+        return proc.returncode
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-2000:]
+    rows = json.loads((workdir / "results.json").read_text())["methods"]
+    timing = ("rt_s", "compile_s", "rrt")
+    return {m: {k: v for k, v in r.items() if k not in timing} for m, r in rows.items()}
+
+
+@pytest.mark.slow
+def test_unlearn_sigkill_mid_method_then_resume(tmp_path):
+    whole = _unlearn(tmp_path / "whole")
+    kill_when = "checkpoints/unlearn-sure-*.progress/sure/8"
+    assert _unlearn(tmp_path / "killed", kill_when) == -signal.SIGKILL
+    assert not (tmp_path / "killed" / "results.json").exists()
+    assert _unlearn(tmp_path / "killed") == whole

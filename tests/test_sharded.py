@@ -6,6 +6,7 @@ JAX fixes its device count when it starts, so the comparison runs in a subproces
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,12 @@ from pathlib import Path
 import pytest
 
 HERE = Path(__file__).resolve().parent
+
+
+def _free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return str(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -45,11 +52,7 @@ def test_bad_mesh_and_chunk_combination(report):
 
 def test_two_processes_on_localhost_equal_one(tmp_path):
     """jax.distributed over gloo: one GC disposal step on a 2-process mesh equals the 1-process step."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = str(s.getsockname()[1])
+    port = _free_port()
     out = tmp_path / "report.json"
     env = {**os.environ, "PYTHONPATH": str(HERE.parent), "JAX_NUM_CPU_DEVICES": "1"}
     script = str(HERE / "multiprocess_check.py")
@@ -63,7 +66,7 @@ def test_two_processes_on_localhost_equal_one(tmp_path):
         )  # fmt: skip
         for i in range(2)
     ]
-    logs = [p.communicate(timeout=300)[0] for p in procs]
+    logs = [p.communicate(timeout=240)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), logs
     report = json.loads(out.read_text())
     assert report["processes"] == 2 and report["devices"] == 2
@@ -73,11 +76,7 @@ def test_two_processes_on_localhost_equal_one(tmp_path):
 
 def test_dtl_jax_run_as_two_processes_equals_one(tmp_path):
     """`dtl-jax run --coordinator ...` as a 2-process job gives the single-process results.json."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = str(s.getsockname()[1])
+    port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(HERE.parent), "JAX_NUM_CPU_DEVICES": "1"}
     tiny = ["run", str(HERE.parent / "configs" / "digits.py"), "--quiet", "--set", "disposal.num_chunks=2",
             "--set", "disposal.steps=6", "--set", "piggyback.epochs=2", "--set", "disposal.methods=gc,rtf"]  # fmt: skip
@@ -102,13 +101,19 @@ def test_dtl_jax_run_as_two_processes_equals_one(tmp_path):
         )  # fmt: skip
         for i in range(2)
     ]
-    logs = [p.communicate(timeout=400)[0] for p in procs]
+    logs = [p.communicate(timeout=240)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), [log[-2000:] for log in logs]
-    single = subprocess.run([*cli, "--workdir", str(tmp_path / "single")], env=env, capture_output=True, timeout=400)
+    single = subprocess.run([*cli, "--workdir", str(tmp_path / "single")], env=env, capture_output=True, timeout=240)
     assert single.returncode == 0, single.stderr[-2000:]
-    multi = json.loads((tmp_path / "multi" / "results.json").read_text())["models"]
+    two_devices = subprocess.run(  # one process, the disposal step sharded over 2 devices
+        [*cli, "--workdir", str(tmp_path / "devices")], env={**env, "JAX_NUM_CPU_DEVICES": "2"}, capture_output=True,
+        timeout=240,
+    )  # fmt: skip
+    assert two_devices.returncode == 0, two_devices.stderr[-2000:]
     one = json.loads((tmp_path / "single" / "results.json").read_text())["models"]
-    assert set(multi) == {"random_init", "tl", "gc", "rtf"}
-    for name, row in one.items():
-        for key in ("target_acc", "source_acc", "pl_acc", "mia_acc"):
-            assert abs(row[key] - multi[name][key]) <= 1e-6, (name, key)
+    for other in ("multi", "devices"):
+        rows = json.loads((tmp_path / other / "results.json").read_text())["models"]
+        assert set(rows) == {"random_init", "tl", "gc", "rtf"}
+        for name, row in one.items():
+            for key in ("target_acc", "source_acc", "pl_acc", "mia_acc"):
+                assert abs(row[key] - rows[name][key]) <= 1e-6, (other, name, key)

@@ -4,6 +4,7 @@ chunks) over, the placement of process-local batch slices, and ``jax.distributed
 from __future__ import annotations
 
 import os
+import re
 
 import jax
 import numpy as np
@@ -80,3 +81,16 @@ def initialize_distributed(coordinator: str = "", num_processes: int = 0, proces
             )
         jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
     return True
+
+
+def all_reduce_sizes(hlo: str) -> list[int]:
+    """Element counts of every all-reduce in compiled HLO text (a tuple all-reduce counts its parts
+    together): ``jax.jit(step).lower(...).compile().as_text()``. A sharded GC disposal step has two of
+    parameter size."""
+    sizes = []
+    for line in hlo.splitlines():
+        match = re.search(r"= (.*?) all-reduce(-start)?\(", line)
+        if match:
+            shapes = re.findall(r"[fsu]\d+\[([\d,]*)\]", match.group(1))
+            sizes.append(sum(int(np.prod([int(d) for d in s.split(",") if d] or [1])) for s in shapes))
+    return sizes

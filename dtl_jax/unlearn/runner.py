@@ -17,7 +17,6 @@ from jax import monitoring
 from dtl_jax import checkpoint
 from dtl_jax.config import Config, validate
 from dtl_jax.data.tasks import make_task
-from dtl_jax.dtl import _check_workdir, _fingerprint, _versions, write_json
 from dtl_jax.evaluate import predict
 from dtl_jax.models import build
 from dtl_jax.train import steps
@@ -25,6 +24,7 @@ from dtl_jax.train.optim import make_optimizer
 from dtl_jax.unlearn.metrics import gap_to_oracle, unlearning_metrics
 from dtl_jax.unlearn.registry import HEAD, Context, load_methods
 from dtl_jax.unlearn.scenario import make_scenario
+from dtl_jax.workdir import fingerprint, prepare, versions, write_json
 
 _COMPILE_SECONDS = [0.0]
 
@@ -53,10 +53,11 @@ def _outputs(network, variables, scenario, config) -> dict:
     return out
 
 
-def run(config: Config, workdir, *, quiet: bool = False) -> dict:
+def run(config: Config, workdir, *, quiet: bool = False, overwrite: bool = False) -> dict:
+    """Unlearning with every configured method; writes ``workdir/results.json``. A workdir made by a run
+    with another config is refused unless ``overwrite``."""
     config = validate(config)
-    workdir = Path(workdir)
-    _check_workdir(workdir)
+    workdir = prepare(Path(workdir), config, "unlearn", overwrite)
     start = time.perf_counter()
     u, d = config.unlearn, config.data
     task = make_task("unlearn", u.task, d, config.seed)
@@ -66,7 +67,7 @@ def run(config: Config, workdir, *, quiet: bool = False) -> dict:
     scenario_key = (config.seed, d, config.model, u.task, u.scenario, u.forget_fraction, u.forget_class)
 
     # The original model: trained on D_r ∪ D_f.
-    original_dir = workdir / "checkpoints" / f"unlearn-original-{_fingerprint(*scenario_key, u.original)}"
+    original_dir = workdir / "checkpoints" / f"unlearn-original-{fingerprint(*scenario_key, u.original)}"
     variables = network.init(jax.random.PRNGKey(config.seed), shape, {HEAD: scenario.num_classes})
     if checkpoint.exists(original_dir):
         original = checkpoint.restore(original_dir, variables)[0]
@@ -85,7 +86,7 @@ def run(config: Config, workdir, *, quiet: bool = False) -> dict:
     rows["original"].update(rt_s=0.0, compile_s=0.0)
     for name in u.methods:
         method_key = dataclasses.replace(u, methods=())  # the list of methods run does not change one
-        directory = workdir / "checkpoints" / f"unlearn-{name}-{_fingerprint(*scenario_key, method_key)}"
+        directory = workdir / "checkpoints" / f"unlearn-{name}-{fingerprint(*scenario_key, method_key)}"
         if checkpoint.exists(directory):
             unlearned, meta = checkpoint.restore(directory, original)
         else:
@@ -114,7 +115,7 @@ def run(config: Config, workdir, *, quiet: bool = False) -> dict:
             "indices": scenario.indices,
         },
         "config": dataclasses.asdict(config),
-        "versions": _versions(),
+        "versions": versions(),
         "seconds": time.perf_counter() - start,
     }
     write_json(workdir / "results.json", results)
