@@ -114,3 +114,9 @@ def test_shuffled_batches_cover_an_epoch_and_normalise():
     first = [next(stream) for _ in range(2)]
     assert sorted(np.concatenate([b["label"] for b in first])) == list(range(10))
     np.testing.assert_allclose(first[0]["image"], 2.0)
+
+
+def test_batch_larger_than_the_split_is_sampled_with_replacement():
+    split = ImageSplit(np.zeros((3, 2, 2, 1), np.uint8), np.arange(3, dtype=np.int32))
+    batch = next(pipeline.shuffled_batches(split, 8, seed=0, mean=0.0, std=1.0, flip=False))
+    assert batch["image"].shape == (8, 2, 2, 1) and set(batch["label"]) <= {0, 1, 2}

@@ -204,7 +204,7 @@ def test_unlearn_command_end_to_end(tmp_path, monkeypatch, capsys):
         row = saved["methods"][name]
         for key in ("ua", "ra", "ta", "mia_efficacy", "rep_mia", "loss_mia", "gap"):
             assert 0.0 <= row[key] <= 1.0, (name, key, row[key])
-        assert row["rt_s"] > 0 and row["rrt"] > 0
+        assert row["rt_s"] > 0 and row["rrt"] > 0 and row["diverged"] is False
     assert saved["methods"]["retrain"]["gap"] == 0.0 and saved["methods"]["retrain"]["rrt"] == 1.0
     assert set(saved["scenario"]["indices"]) == {"forget", "val", "retain"}
     assert runner.format_table(saved).count("\n") == 5

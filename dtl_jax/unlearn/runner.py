@@ -83,7 +83,7 @@ def run(config: Config, workdir, *, quiet: bool = False, overwrite: bool = False
 
     methods = load_methods()
     rows = {"original": unlearning_metrics(_outputs(network, original, scenario, config), config.seed)}
-    rows["original"].update(rt_s=0.0, compile_s=0.0)
+    rows["original"].update(rt_s=0.0, compile_s=0.0, diverged=False, halted_at=None)
     for name in u.methods:
         method_key = dataclasses.replace(u, methods=())  # the list of methods run does not change one
         directory = workdir / "checkpoints" / f"unlearn-{name}-{fingerprint(*scenario_key, method_key)}"
@@ -100,7 +100,9 @@ def run(config: Config, workdir, *, quiet: bool = False, overwrite: bool = False
             checkpoint.save(directory, unlearned, meta)
             _drop(progress_root)
         row = unlearning_metrics(_outputs(network, unlearned, scenario, config), config.seed)
-        row.update(rt_s=meta["rt_s"], compile_s=meta["compile_s"])
+        halted = [h["halted_at"] for h in meta["history"] if h.get("halted_at") is not None]
+        row.update(rt_s=meta["rt_s"], compile_s=meta["compile_s"], diverged=bool(halted))
+        row["halted_at"] = halted[0] if halted else None
         rows[name] = row
     oracle = rows.get("retrain")
     for row in rows.values():
