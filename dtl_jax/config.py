@@ -183,7 +183,7 @@ def _parse(text: str, annotation: Any, key: str) -> Any:
         if annotation is float:
             return float(text)
     except ValueError:
-        raise UserError(f"--set {key}={text}: expected a value of type {annotation.__name__}") from None
+        raise UserError(f"--set {key}={text!r}: expected a value of type {annotation.__name__}") from None
     return text
 
 

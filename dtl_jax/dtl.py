@@ -30,7 +30,7 @@ from dtl_jax.train import steps
 from dtl_jax.train.loop import Bookkeeping, run_steps
 from dtl_jax.train.mesh import check_divisible, data_mesh, shard_batch
 from dtl_jax.train.optim import heads_trainable, make_optimizer
-from dtl_jax.workdir import fingerprint, prepare, versions, write_json
+from dtl_jax.workdir import claim, fingerprint, prepare, versions, write_json
 
 
 @dataclasses.dataclass
@@ -391,6 +391,7 @@ def run(
     workdir = prepare(Path(workdir or config.workdir), validate(config), "run", overwrite)
     start = time.perf_counter()
     exp = build_experiment(config, workdir, quiet)
+    claim(workdir, exp.config, "run")
     c = exp.config
     pretrained, pretrain_meta = pretrain(exp)
     tl, transfer_meta = transfer(exp, pretrained)

@@ -39,8 +39,18 @@ def _flat(tree, prefix=""):
         yield prefix[:-1], tree
 
 
+def _record(workdir: Path, config: Config, command: str) -> tuple[Path, dict]:
+    current = json.loads(json.dumps({k: to_dict(config)[k] for k in SECTIONS[command]}))
+    return workdir / f"config-{command}.json", current
+
+
+def claim(workdir: Path, config: Config, command: str) -> None:
+    """Records ``config`` as the workdir's, once the run's inputs have been checked."""
+    write_json(*_record(Path(workdir), config, command))
+
+
 def prepare(workdir: Path, config: Config, command: str, overwrite: bool = False) -> Path:
-    """Checks that ``workdir`` can be written and is not another config's; records ``config``."""
+    """Checks that ``workdir`` can be written and is not another config's (see ``claim``)."""
     workdir = Path(workdir)
     try:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -49,8 +59,7 @@ def prepare(workdir: Path, config: Config, command: str, overwrite: bool = False
         probe.unlink()
     except OSError as err:
         raise UserError(f"workdir {str(workdir)!r} cannot be written: {err.strerror or err}") from None
-    record = workdir / f"config-{command}.json"
-    current = json.loads(json.dumps({k: to_dict(config)[k] for k in SECTIONS[command]}))
+    record, current = _record(workdir, config, command)
     if record.exists() and not overwrite:
         try:
             before = json.loads(record.read_text())
@@ -65,7 +74,6 @@ def prepare(workdir: Path, config: Config, command: str, overwrite: bool = False
                 f"e.g. {first}: {old.get(first)!r} -> {new.get(first)!r}): pass --overwrite to replace its results "
                 "(valid stage checkpoints are kept), or choose another --workdir"
             )
-    write_json(record, current)
     return workdir
 
 

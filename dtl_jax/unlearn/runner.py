@@ -24,7 +24,7 @@ from dtl_jax.train.optim import make_optimizer
 from dtl_jax.unlearn.metrics import gap_to_oracle, unlearning_metrics
 from dtl_jax.unlearn.registry import HEAD, Context, load_methods
 from dtl_jax.unlearn.scenario import make_scenario
-from dtl_jax.workdir import fingerprint, prepare, versions, write_json
+from dtl_jax.workdir import claim, fingerprint, prepare, versions, write_json
 
 _COMPILE_SECONDS = [0.0]
 
@@ -62,6 +62,7 @@ def run(config: Config, workdir, *, quiet: bool = False, overwrite: bool = False
     u, d = config.unlearn, config.data
     task = make_task("unlearn", u.task, d, config.seed)
     scenario = make_scenario(task, u, d.val_fraction, config.seed)
+    claim(workdir, config, "unlearn")
     network = build(config.model)
     shape = tuple(scenario.retain.images.shape[1:])
     scenario_key = (config.seed, d, config.model, u.task, u.scenario, u.forget_fraction, u.forget_class)
