@@ -94,17 +94,16 @@ def main() -> None:
     args = parser.parse_args()
     results = [measure(m, b, args.chunks, args.image_size) for m in args.models for b in args.batches]
     mib = 2.0**20
-    print(
-        f"{'model':<6}{'batch':>6}{'K':>3}{'params MiB':>11}{'args MiB':>9}{'plain tmp':>10}"
-        f"{'jvp tmp':>9}{'lin tmp':>9}{'jvp/pl':>8}{'lin/pl':>8}   (temp sizes in MiB)"
-    )
+    short = {"jvp": "jvp", "linearize": "lin"}
+    modes = "".join(f"{short[m] + ' tmp':>9}" for m in HVP_MODES) + "".join(f"{short[m] + '/pl':>8}" for m in HVP_MODES)
+    print(f"{'model':<6}{'batch':>6}{'K':>3}{'params MiB':>11}{'args MiB':>9}{'plain tmp':>10}{modes}   (MiB)")
     for r in results:
         m = r["memory"]
+        temps = "".join(f"{m['gc_' + mode]['temp'] / mib:>9.2f}" for mode in HVP_MODES)
+        ratios = "".join(f"{r['ratio'][mode]:>8.2f}" for mode in HVP_MODES)
         print(
             f"{r['model']:<6}{r['batch']:>6}{r['num_chunks']:>3}{r['param_bytes'] / mib:>11.2f}"
-            f"{m['plain']['argument'] / mib:>9.2f}{m['plain']['temp'] / mib:>10.2f}"
-            f"{m['gc_jvp']['temp'] / mib:>9.2f}{m['gc_linearize']['temp'] / mib:>9.2f}"
-            f"{r['ratio']['jvp']:>8.2f}{r['ratio']['linearize']:>8.2f}"
+            f"{m['plain']['argument'] / mib:>9.2f}{m['plain']['temp'] / mib:>10.2f}{temps}{ratios}"
         )
     for mode in HVP_MODES:
         worst = max(r["ratio"][mode] for r in results)

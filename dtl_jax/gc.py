@@ -96,6 +96,25 @@ def _chunk(chunks, k):
     return jax.tree.map(lambda x: x[k], chunks)
 
 
+def _sum(trees):
+    return jax.tree.map(lambda *xs: sum(xs), *trees)
+
+
+def _units(grads, normalized, eps):
+    """``(u_k, n_k)``: the chunk gradients and their norms ``sqrt(||g||² + eps)`` for NGC; ``(g_k, 1)`` for GC."""
+    if not normalized:
+        return grads, [1.0] * len(grads)
+    norms = [jnp.sqrt(_vdot(g, g) + eps) for g in grads]
+    return [_scale(g, 1.0 / n) for g, n in zip(grads, norms, strict=True)], norms
+
+
+def _direction(total, unit, norm, num_chunks, normalized):
+    """``v_k = ∂φ/∂g_k`` from the sum ``G`` (``U``) and chunk ``k``'s ``g_k`` (``u_k``, ``n_k``):
+    ``2(G - g_k)/(K(K-1))`` for GC, ``(I - u_k u_kᵀ) 2(U - u_k) / (K(K-1) n_k)`` for NGC."""
+    direction = jax.tree.map(lambda t, u: 2.0 * (t - u) / (num_chunks * (num_chunks - 1)), total, unit)
+    return _tangent_projection(direction, unit, norm) if normalized else direction
+
+
 def _hvp(grad_fn, params, chunk, consts, direction):
     """``H v`` forward-over-reverse: the tangent output of ``jax.jvp`` of the chunk gradient."""
     return jax.jvp(lambda p: grad_fn(p, chunk, *consts), (params,), (direction,))[1]
@@ -119,7 +138,7 @@ def _collision_fwd(loss_fn, normalized, eps, hvp, params, chunks, consts):
         # (activations and their tangents' coefficients) are kept for the backward pass.
         pairs = [_linearized_grad(grad_fn, params, _chunk(chunks, k), consts) for k in range(num_chunks)]
         grads, residual = [g for g, _ in pairs], [lin for _, lin in pairs]
-    else:  # "jvp": keep only the inputs, recompute the gradient inside the backward pass's jvp
+    else:  # "jvp": keep the inputs, recompute the gradient inside the backward pass's jvp
         grads = [grad_fn(params, _chunk(chunks, k), *consts) for k in range(num_chunks)]
         residual = params
     value, directions = jax.value_and_grad(pairwise_collision)(grads, normalized, eps)
@@ -171,7 +190,9 @@ def gc_loss(
         ``jax.jvp`` of ``∇ℓ_k`` in the backward pass, recomputing the chunk's forward pass.
         ``"linearize"``: ``jax.linearize`` of ``∇ℓ_k`` in the forward pass gives ``g_k`` and the map
         ``v ↦ H_k v`` for the backward pass; it keeps every chunk's linearisation in memory and measured
-        slower on CPU (``benchmarks/gc_step.py``: 2.8x a plain step against 1.7x for ``"jvp"``).
+        no faster on CPU (``benchmarks/gc_step.py``). Under ``jax.jit`` XLA shares the recomputed
+        gradient with the forward one, so both modes compile to the same temporary memory
+        (``benchmarks/memory.py``).
 
     Returns:
       A scalar. ``jax.grad`` of it costs ``K`` chunk gradients plus ``K`` forward-over-reverse
@@ -225,20 +246,13 @@ def sharded_collision(
     chunks = split_chunks(local_batch, local) if local > 1 else jax.tree.map(lambda x: x[None], local_batch)
     grad_fn = jax.grad(loss_fn)
     grads = [grad_fn(params, _chunk(chunks, k)) for k in range(local)]
-    pairs = num_chunks * (num_chunks - 1)
-    if normalized:
-        norms = [jnp.sqrt(_vdot(g, g) + eps) for g in grads]
-        units = [_scale(g, 1.0 / n) for g, n in zip(grads, norms, strict=True)]
-    else:
-        units = grads
-    total = jax.lax.psum(jax.tree.map(lambda *xs: sum(xs), *units), axis_name)  # all-reduce 1
+    units, norms = _units(grads, normalized, eps)
+    total = jax.lax.psum(_sum(units), axis_name)  # all-reduce 1
     squares = jax.lax.psum(sum(_vdot(u, u) for u in units), axis_name)
-    value = (_vdot(total, total) - squares) / pairs
+    value = (_vdot(total, total) - squares) / (num_chunks * (num_chunks - 1))
     hvp = None
     for k in range(local):
-        direction = jax.tree.map(lambda t, u: 2.0 * (t - u) / pairs, total, units[k])
-        if normalized:  # v_k = (I - u_k u_kᵀ) 2(U - u_k) / (K(K-1) n_k)
-            direction = _tangent_projection(direction, units[k], norms[k])
+        direction = _direction(total, units[k], norms[k], num_chunks, normalized)
         product = _hvp(grad_fn, params, _chunk(chunks, k), (), direction)
         hvp = product if hvp is None else jax.tree.map(jnp.add, hvp, product)
     return value, hvp
