@@ -85,6 +85,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     unlearn.add_argument("--quiet", action="store_true", help="no progress bars")
     unlearn.add_argument("--overwrite", action="store_true", help="reuse a workdir made with another config")
+    report = sub.add_parser(
+        "report",
+        help="plots and a self-contained report.html from a workdir (also written after run/unlearn)",
+        description="Write PNG plots and report.html (images embedded) from WORKDIR/results.json.",
+    )
+    report.add_argument("workdir", help="a workdir of `dtl-jax run` or `dtl-jax unlearn`")
     return parser
 
 
@@ -132,6 +138,11 @@ def main(argv: list[str] | None = None) -> int:
     from dtl_jax.config import UserError
 
     try:
+        if args.command == "report":
+            from dtl_jax.report import write_report
+
+            print(write_report(args.workdir))
+            return 0
         config = config_lib.load(args.config)
         if args.command == "unlearn":
             overrides = _unlearn_overrides(args) + args.overrides
@@ -148,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
 
             workdir = args.workdir or config.workdir
         results = module.run(config, workdir, quiet=args.quiet, overwrite=args.overwrite)
+        from dtl_jax.report import write_report
+
+        page = write_report(workdir)
     except UserError as err:
         print(f"dtl-jax: error: {err}", file=sys.stderr)
         return 2
@@ -155,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         print("dtl-jax: interrupted; finished stages are checkpointed and will be reused", file=sys.stderr)
         return 130
     print(module.format_table(results))
-    print(f"\nresults: {os.path.join(workdir, 'results.json')}  ({results['seconds']:.0f} s)")
+    print(f"\nresults: {os.path.join(workdir, 'results.json')}  ({results['seconds']:.0f} s); report: {page}")
     return 0
 
 

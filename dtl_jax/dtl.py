@@ -29,6 +29,7 @@ from dtl_jax.models import Network, build, init_head
 from dtl_jax.train import steps
 from dtl_jax.train.loop import Bookkeeping, run_steps
 from dtl_jax.train.mesh import check_divisible, data_mesh, shard_batch
+from dtl_jax.train.metrics import MetricsWriter
 from dtl_jax.train.optim import heads_trainable, make_optimizer
 from dtl_jax.workdir import claim, fingerprint, prepare, versions, write_json
 
@@ -44,6 +45,7 @@ class Experiment:
     piggyback: Task
     network: Network
     mesh: Mesh
+    writer: MetricsWriter
     quiet: bool = False
 
     @property
@@ -99,7 +101,7 @@ def build_experiment(config: Config, workdir: str | os.PathLike, quiet: bool = F
         )
     mesh = data_mesh(d.devices)
     check_divisible(mesh, d.num_chunks, d.source_batch_size, c.transfer.batch_size)
-    return Experiment(c, Path(workdir), source, target, piggyback, build(c.model), mesh, quiet)
+    return Experiment(c, Path(workdir), source, target, piggyback, build(c.model), mesh, MetricsWriter(workdir), quiet)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -141,7 +143,7 @@ def _supervised(
     progress = _progress(exp, directory)
     state, history, halted_at = run_steps(
         step, state, batches, total, desc=name, every=per_epoch, on_check=on_epoch, quiet=exp.quiet,
-        progress=progress, bookkeeping=bookkeeping,
+        progress=progress, bookkeeping=bookkeeping, writer=exp.writer,
     )  # fmt: skip
     if progress is not None:
         progress.close()
@@ -262,7 +264,7 @@ def dispose(exp: Experiment, method: str, tl: dict) -> tuple[dict, dict]:
     progress = _progress(exp, directory)
     state, history, halted_at = run_steps(
         step, state, batches, d.steps, desc=f"disposal {method}", every=d.eval_every, on_check=on_check,
-        quiet=exp.quiet, progress=progress, bookkeeping=book,
+        quiet=exp.quiet, progress=progress, bookkeeping=book, writer=exp.writer,
     )  # fmt: skip
     meta = {
         "method": method,
@@ -435,6 +437,7 @@ def run(
     results["versions"] = versions()
     results["seconds"] = time.perf_counter() - start
     write_json(workdir / "results.json", results)
+    exp.writer.close()
     return results
 
 

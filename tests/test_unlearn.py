@@ -208,3 +208,7 @@ def test_unlearn_command_end_to_end(tmp_path, monkeypatch, capsys):
     assert saved["methods"]["retrain"]["gap"] == 0.0 and saved["methods"]["retrain"]["rrt"] == 1.0
     assert set(saved["scenario"]["indices"]) == {"forget", "val", "retain"}
     assert runner.format_table(saved).count("\n") == 5
+    from dtl_jax.report import write_report
+
+    page = write_report(tmp_path).read_text()  # the CLI wrote it already; this checks it again
+    assert 'alt="unlearning_bars" src="data:image/png;base64,' in page and "<th>sure</th>" in page

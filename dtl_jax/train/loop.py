@@ -11,6 +11,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from dtl_jax.checkpoint import Progress
+from dtl_jax.train.metrics import MetricsWriter
 
 
 class Bookkeeping:
@@ -37,6 +38,7 @@ def run_steps(
     quiet: bool = False,
     progress: Progress | None = None,
     bookkeeping: Bookkeeping | None = None,
+    writer: MetricsWriter | None = None,
 ) -> tuple[dict, list[dict], int | None]:
     """Runs ``num_steps`` of ``state, metrics = step(state, *next(batches))``.
 
@@ -49,6 +51,8 @@ def run_steps(
     every ``progress.every`` steps; a later call with the same arguments resumes from the newest such
     checkpoint, replaying ``batches`` to the saved position (the streams are seeded, so the resumed run
     sees the same batches as an uninterrupted one and ends with the same state).
+
+    ``writer`` (a ``MetricsWriter``) receives the fetched metrics under the stage name ``desc``.
     """
     history: list[dict] = []
     bookkeeping = bookkeeping or Bookkeeping()
@@ -70,8 +74,10 @@ def run_steps(
     def flush() -> bool:
         rows = jax.device_get(pending)
         pending.clear()
-        for i, metrics in rows:
-            history.append({"step": i, **{k: float(np.asarray(v)) for k, v in metrics.items()}})
+        new = [{"step": i, **{k: float(np.asarray(v)) for k, v in metrics.items()}} for i, metrics in rows]
+        history.extend(new)
+        if writer is not None:
+            writer.write(desc, new)
         if history:
             bar.set_postfix(loss=f"{history[-1]['loss']:.4g}", refresh=False)
         return bool(jax.device_get(state["halted"]))

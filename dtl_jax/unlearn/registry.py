@@ -24,6 +24,7 @@ from dtl_jax.data.sources import ImageSplit
 from dtl_jax.models import Network
 from dtl_jax.train import steps
 from dtl_jax.train.loop import run_steps
+from dtl_jax.train.metrics import MetricsWriter
 from dtl_jax.train.optim import make_optimizer
 from dtl_jax.unlearn.scenario import Scenario
 
@@ -59,6 +60,7 @@ class Context:
     quiet: bool = False
     history: list = dataclasses.field(default_factory=list)
     progress_root: Path | None = None  # mid-run checkpoints of each ctx.train call go below it
+    writer: MetricsWriter | None = None
 
     @property
     def u(self):
@@ -88,7 +90,7 @@ class Context:
         if self.progress_root is not None and self.config.checkpoint_every:
             progress = Progress(self.progress_root / desc.replace(" ", "-"), self.config.checkpoint_every)
         state, history, halted_at = run_steps(
-            step, state, inputs, num_steps, desc=desc, quiet=self.quiet, progress=progress
+            step, state, inputs, num_steps, desc=desc, quiet=self.quiet, progress=progress, writer=self.writer
         )
         if progress is not None:
             progress.close()

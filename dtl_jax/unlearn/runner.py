@@ -20,6 +20,7 @@ from dtl_jax.data.tasks import make_task
 from dtl_jax.evaluate import predict
 from dtl_jax.models import build
 from dtl_jax.train import steps
+from dtl_jax.train.metrics import MetricsWriter
 from dtl_jax.train.optim import make_optimizer
 from dtl_jax.unlearn.metrics import gap_to_oracle, unlearning_metrics
 from dtl_jax.unlearn.registry import HEAD, Context, load_methods
@@ -63,6 +64,7 @@ def run(config: Config, workdir, *, quiet: bool = False, overwrite: bool = False
     task = make_task("unlearn", u.task, d, config.seed)
     scenario = make_scenario(task, u, d.val_fraction, config.seed)
     claim(workdir, config, "unlearn")
+    writer = MetricsWriter(workdir)
     network = build(config.model)
     shape = tuple(scenario.retain.images.shape[1:])
     scenario_key = (config.seed, d, config.model, u.task, u.scenario, u.forget_fraction, u.forget_class)
@@ -74,7 +76,8 @@ def run(config: Config, workdir, *, quiet: bool = False, overwrite: bool = False
         original = checkpoint.restore(original_dir, variables)[0]
     else:
         progress_root = original_dir.with_name(original_dir.name + ".progress")
-        ctx = Context(config, network, scenario, variables, config.seed, quiet, progress_root=progress_root)
+        ctx = Context(config, network, scenario, variables, config.seed, quiet, progress_root=progress_root,
+                      writer=writer)  # fmt: skip
         total = ctx.steps_per_epoch(scenario.train, u.original.batch_size) * u.original.epochs
         tx = make_optimizer(u.original, total)
         stream = ((b,) for b in ctx.batches(scenario.train, u.original.batch_size, seed=20))
@@ -92,7 +95,8 @@ def run(config: Config, workdir, *, quiet: bool = False, overwrite: bool = False
             unlearned, meta = checkpoint.restore(directory, original)
         else:
             progress_root = directory.with_name(directory.name + ".progress")
-            ctx = Context(config, network, scenario, original, config.seed + 1000, quiet, progress_root=progress_root)
+            ctx = Context(config, network, scenario, original, config.seed + 1000, quiet, progress_root=progress_root,
+                          writer=writer)  # fmt: skip
             compile_before, t0 = _COMPILE_SECONDS[0], time.perf_counter()
             unlearned = jax.block_until_ready(methods[name](ctx))
             wall = time.perf_counter() - t0
@@ -122,6 +126,7 @@ def run(config: Config, workdir, *, quiet: bool = False, overwrite: bool = False
         "seconds": time.perf_counter() - start,
     }
     write_json(workdir / "results.json", results)
+    writer.close()
     return results
 
 

@@ -1,0 +1,56 @@
+"""The one metrics writer: training metrics as JSONL (``WORKDIR/logs/metrics.jsonl``, read by the report)
+and as TensorBoard event files (``WORKDIR/logs/tensorboard``, through tensorboardX).
+
+Each row is ``{"stage": ..., "step": ..., <metric>: value, ...}``. After a resume, the steps between the
+last checkpoint and the kill are logged again; readers keep the last row of a ``(stage, step)``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+
+
+class MetricsWriter:
+    def __init__(self, workdir: str | Path):
+        self.directory = Path(workdir) / "logs"
+        self._tensorboard = None
+        self.enabled = jax.process_index() == 0
+
+    def write(self, stage: str, rows: list[dict]) -> None:
+        if not self.enabled or not rows:
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with open(self.directory / "metrics.jsonl", "a") as f:
+            for row in rows:
+                f.write(json.dumps({"stage": stage, **row}) + "\n")
+        if self._tensorboard is None:
+            from tensorboardX import SummaryWriter
+
+            self._tensorboard = SummaryWriter(str(self.directory / "tensorboard"))
+        for row in rows:
+            for key, value in row.items():
+                if key != "step":
+                    self._tensorboard.add_scalar(f"{stage}/{key}", value, row["step"])
+        self._tensorboard.flush()
+
+    def close(self) -> None:
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+            self._tensorboard = None
+
+
+def read(workdir: str | Path) -> dict[str, list[dict]]:
+    """The logged rows by stage, one per step (the last one written)."""
+    path = Path(workdir) / "logs" / "metrics.jsonl"
+    stages: dict[str, dict[int, dict]] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:  # a line cut by a kill
+                continue
+            stages.setdefault(row.pop("stage"), {})[row["step"]] = row
+    return {stage: [rows[s] for s in sorted(rows)] for stage, rows in stages.items()}

@@ -1,0 +1,64 @@
+"""The report: every plot embedded, the numbers of results.json in the page, and the page renders with
+all its images in headless Chromium."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+from conftest import tiny_config
+
+from dtl_jax import dtl, report
+from dtl_jax.config import UserError
+
+
+@pytest.fixture(scope="module")
+def dtl_workdir(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("report")
+    dtl.run(tiny_config(), workdir, quiet=True)
+    return workdir
+
+
+def _rows(page: str) -> dict[str, list[str]]:
+    return {
+        m.group(1): re.findall(r"<td>([^<]*)</td>", m.group(2))
+        for m in re.finditer(r"<tr><th>([^<]+)</th>((?:<td>[^<]*</td>)+)</tr>", page)
+    }
+
+
+def test_dtl_report_embeds_every_plot_and_the_exact_numbers(dtl_workdir):
+    page = report.write_report(dtl_workdir).read_text()
+    for name in ("pl_curves", "tradeoff", "training_curves"):
+        assert (dtl_workdir / f"{name}.png").stat().st_size > 1000
+        assert f'alt="{name}" src="data:image/png;base64,' in page
+    assert 'src="http' not in page and 'src="file' not in page  # self-contained
+    results = json.loads((dtl_workdir / "results.json").read_text())
+    rows = _rows(page)
+    assert set(rows) == set(results["models"])
+    for name, row in results["models"].items():
+        expected = [f"{row[k]:.3f}" for k in ("target_acc", "source_acc", "pl_acc", "mia_acc")]
+        assert rows[name] == expected, name
+
+
+def test_report_of_a_workdir_without_results_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="no results.json"):
+        report.write_report(tmp_path)
+
+
+def test_report_renders_in_headless_chromium_with_every_image(dtl_workdir, tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is missing: .ci/run installs Debian's chromium package")
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    page = report.write_report(dtl_workdir)
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
+             "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path}"]  # fmt: skip
+    dom = subprocess.run(
+        [chromium, *flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120
+    ).stdout
+    loaded = re.search(r'data-images-loaded="(\d+)/(\d+)"', dom)
+    assert loaded, dom[-500:]
+    assert loaded.group(1) == loaded.group(2) == "3"
