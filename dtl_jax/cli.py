@@ -85,6 +85,25 @@ def _parser() -> argparse.ArgumentParser:
     )
     unlearn.add_argument("--quiet", action="store_true", help="no progress bars")
     unlearn.add_argument("--overwrite", action="store_true", help="reuse a workdir made with another config")
+    sweep = sub.add_parser(
+        "sweep",
+        help="run a grid over config keys (e.g. the λ trade-off), reusing pre-training and transfer",
+        description="Run the DTL experiment at every point of a grid: --set key=v1,v2,... sweeps a key.",
+        epilog="example:\n  dtl-jax sweep --set disposal.gc_lambda=0.001,0.003,0.01 --set disposal.methods=gc,ngc",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sweep.add_argument("config", nargs="?", default=None, help="config file with get_config() (default: built-in)")
+    sweep.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2,...",
+        help="a swept (comma list on a scalar key) or fixed override (repeatable)",
+    )
+    sweep.add_argument("--workdir", default=None, help="default: runs/sweep")
+    sweep.add_argument("--quiet", action="store_true", help="no progress bars")
+
     report = sub.add_parser(
         "report",
         help="plots and a self-contained report.html from a workdir (also written after run/unlearn)",
@@ -144,6 +163,14 @@ def main(argv: list[str] | None = None) -> int:
             print(write_report(args.workdir))
             return 0
         config = config_lib.load(args.config)
+        if args.command == "sweep":
+            from dtl_jax import sweep
+
+            workdir = args.workdir or os.path.join(os.path.dirname(config.workdir) or ".", "sweep")
+            summary = sweep.run(config, args.overrides, workdir, quiet=args.quiet)
+            print(sweep.format_table(summary))
+            print(f"\nsweep: {os.path.join(workdir, 'sweep.json')}, {os.path.join(workdir, 'sweep.png')}")
+            return 0
         if args.command == "unlearn":
             overrides = _unlearn_overrides(args) + args.overrides
             config = config_lib.validate(config_lib.apply_overrides(config, overrides))

@@ -130,6 +130,8 @@ def write_report(workdir: str | Path) -> Path:
         figures.append(unlearning_bars(results, workdir / "unlearning_bars.png"))
     else:
         raise UserError(f"{str(path)!r} is not a dtl_jax results file (no 'models' or 'methods')")
+    if (workdir / "sweep.png").is_file():  # written by `dtl-jax sweep`
+        figures.append(workdir / "sweep.png")
     curves = training_curves(metrics.read(workdir), workdir / "training_curves.png")
     if curves is not None:
         figures.append(curves)

@@ -1,0 +1,25 @@
+import json
+
+from conftest import tiny_config
+
+from dtl_jax import dtl, sweep
+
+
+def test_sweep_runs_the_grid_and_reuses_pretraining(tmp_path, monkeypatch):
+    ran = []
+    original = dtl.run_steps
+    monkeypatch.setattr(dtl, "run_steps", lambda *a, **k: (ran.append(k["desc"]), original(*a, **k))[1])
+    summary = sweep.run(
+        tiny_config(), ["disposal.gc_lambda=0.001,0.5", "disposal.methods=gc", "data.source.classes=0,1,2,3"], tmp_path,
+        quiet=True,
+    )  # fmt: skip
+    assert summary["swept"] == ["disposal.gc_lambda"]
+    assert summary["fixed"] == ["disposal.methods=gc", "data.source.classes=0,1,2,3"]  # a tuple key is not swept
+    assert [p["values"]["disposal.gc_lambda"] for p in summary["points"]] == ["0.001", "0.5"]
+    assert ran.count("pretrain") == 1 and ran.count("transfer") == 1 and ran.count("disposal gc") == 2
+    saved = json.loads((tmp_path / "sweep.json").read_text())
+    assert saved == json.loads(json.dumps(summary))
+    for point in ("disposal.gc_lambda=0.001", "disposal.gc_lambda=0.5"):
+        assert (tmp_path / "points" / point / "results.json").is_file()
+    assert (tmp_path / "sweep.png").stat().st_size > 1000
+    assert "disposal.gc_lambda" in sweep.format_table(summary)
