@@ -1,5 +1,6 @@
-"""Split CIFAR-10 at CPU scale: source = classes 0-4, target = classes 5-9, the small CNN, PL on 10 % of
-the source training data. Full CIFAR-10 through tfds (``cifar10``).
+"""Split CIFAR-10 at CPU scale: source = classes 0-4, target = classes 5-9, all 50,000 training images at
+16x16, the small CNN, the default run's disposal settings, PL on 10 % of the source training data.
+Full CIFAR-10 through tfds (``cifar10``).
 
 From an image folder instead (e.g. the JPEG tree ``cifar10/{train,test}/<class>/*.jpg``)::
 
@@ -25,9 +26,10 @@ def get_config() -> Config:
             target=TaskConfig(dataset=dataset, root=root, classes=(5, 6, 7, 8, 9)),
             piggyback_per_class=0,
             piggyback_fraction=0.1,
-            image_size=32,
+            image_size=16,
         ),
-        pretrain=dataclasses.replace(base.pretrain, epochs=30, batch_size=128),
-        transfer=dataclasses.replace(base.transfer, epochs=15, batch_size=128),
-        disposal=dataclasses.replace(base.disposal, steps=1000, eval_every=50),
+        pretrain=dataclasses.replace(base.pretrain, epochs=20, batch_size=128),
+        transfer=dataclasses.replace(base.transfer, epochs=10, batch_size=128),
+        disposal=dataclasses.replace(base.disposal, steps=300),
+        piggyback=dataclasses.replace(base.piggyback, epochs=30),
     )

@@ -1,6 +1,7 @@
-"""Selective unlearning on CIFAR-10 at CPU scale: the small CNN at 32x32, partial-class forgetting of
-class 0 (airplane) by default; ``--scenario``/``--forget-class``/``--forget-fraction`` change it. Full
-CIFAR-10 through tfds, or an image folder with ``DTL_JAX_CIFAR10=/path/to/cifar10``::
+"""Selective unlearning on CIFAR-10 at CPU scale: all 50,000 training images at 16x16, the small CNN,
+partial-class forgetting of class 0 (airplane) by default; ``--scenario``/``--forget-class``/
+``--forget-fraction`` change it. Full CIFAR-10 through tfds, or an image folder with
+``DTL_JAX_CIFAR10=/path/to/cifar10``::
 
     dtl-jax unlearn configs/unlearn_cifar10.py --scenario random --forget-fraction 0.1
 """
@@ -17,12 +18,11 @@ def get_config() -> Config:
     return dataclasses.replace(
         base,
         workdir="runs/unlearn_cifar10",
-        data=dataclasses.replace(base.data, image_size=32),
-        model=dataclasses.replace(base.model, widths=(32, 64, 128)),
+        data=dataclasses.replace(base.data, image_size=16),
         unlearn=dataclasses.replace(
             base.unlearn,
             task=TaskConfig(dataset="folder" if root else "cifar10", root=root),
-            original=OptimConfig(epochs=30, batch_size=128),
+            original=OptimConfig(epochs=20, batch_size=128, schedule="cosine"),
             optim=OptimConfig(optimizer="sgd", learning_rate=0.01, epochs=5, batch_size=128),
         ),
     )
