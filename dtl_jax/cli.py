@@ -186,6 +186,10 @@ def main(argv: list[str] | None = None) -> int:
 
             workdir = args.workdir or config.workdir
         results = module.run(config, workdir, quiet=args.quiet, overwrite=args.overwrite)
+        import jax
+
+        if jax.process_index() != 0:  # in a multi-process job, process 0 reports
+            return 0
         from dtl_jax.report import write_report
 
         page = write_report(workdir)
