@@ -212,3 +212,28 @@ def test_unlearn_command_end_to_end(tmp_path, monkeypatch, capsys):
 
     page = write_report(tmp_path).read_text()  # the CLI wrote it already; this checks it again
     assert 'alt="unlearning_bars" src="data:image/png;base64,' in page and "<th>sure</th>" in page
+
+
+def test_runaway_loss_halts_the_step_and_nonfinite_models_get_no_metrics(trained):
+    import optax
+
+    from dtl_jax.train import steps
+    from dtl_jax.unlearn import runner
+
+    config, network, scenario, original, _ = trained
+
+    def runaway(params, batch_stats, key, aux, batch):  # a loss that grows without bound, like GA
+        return -1e3 * sum(jnp.sum(p**2) for p in jax.tree.leaves(params)), (batch_stats, {})
+
+    tx = optax.sgd(10.0)
+    step = steps.custom_step(runaway, tx)
+    state = steps.init_state(original, tx, 0)
+    batch = {"image": jnp.zeros((2, 8, 8, 1)), "label": jnp.zeros(2, jnp.int32)}
+    for _ in range(5):
+        state, _ = step(state, 0.0, batch)
+    assert bool(state["halted"]) and int(state["halted_at"]) < 5
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
+
+    broken = jax.tree.map(lambda x: x * np.nan, original)
+    row = runner._metrics(network, broken, scenario, config)
+    assert row["nonfinite_outputs"] is True and all(row[k] is None for k in runner.METRIC_KEYS)

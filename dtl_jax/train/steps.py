@@ -7,7 +7,8 @@ State::
      "halted": bool, "halted_at": int32}
 
 Divergence guard (inside the step, so it costs no host sync): a step whose loss or gradient norm is not
-finite, or whose gradient norm exceeds ``max_grad_norm``, is not applied and sets ``halted``; every later
+finite, whose loss exceeds ``MAX_ABS_LOSS`` in magnitude, or whose gradient norm exceeds ``max_grad_norm``,
+is not applied and sets ``halted``; every later
 step is a no-op. The state therefore always holds the last good parameters, and the loop stops when it
 sees ``halted``.
 """
@@ -53,9 +54,13 @@ def variables_of(state: dict) -> dict:
     return {"params": state["params"], "batch_stats": state["batch_stats"]}
 
 
+MAX_ABS_LOSS = 1e6  # a loss this large (e.g. gradient ascent running away) counts as divergence
+
+
 def _guarded_update(state, grads, loss, batch_stats, rng, tx, max_grad_norm):
     grad_norm = optax.global_norm(grads)
-    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & (grad_norm <= max_grad_norm) & ~state["halted"]
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & (jnp.abs(loss) <= MAX_ABS_LOSS)
+    ok = finite & (grad_norm <= max_grad_norm) & ~state["halted"]
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     candidate = {
         "params": optax.apply_updates(state["params"], updates),

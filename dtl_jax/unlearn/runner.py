@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import jax
+import numpy as np
 from jax import monitoring
 
 from dtl_jax import checkpoint
@@ -54,6 +55,17 @@ def _outputs(network, variables, scenario, config) -> dict:
     return out
 
 
+METRIC_KEYS = ("ua", "ra", "ta", "mia_efficacy", "rep_mia", "loss_mia")
+
+
+def _metrics(network, variables, scenario, config) -> dict:
+    """The metrics, or None for each when the model's outputs are not finite (a diverged method)."""
+    outputs = _outputs(network, variables, scenario, config)
+    if not all(np.isfinite(logits).all() and np.isfinite(features).all() for logits, features, _ in outputs.values()):
+        return {**dict.fromkeys(METRIC_KEYS), "nonfinite_outputs": True}
+    return {**unlearning_metrics(outputs, config.seed), "nonfinite_outputs": False}
+
+
 def run(config: Config, workdir, *, quiet: bool = False, overwrite: bool = False) -> dict:
     """Unlearning with every configured method; writes ``workdir/results.json``. A workdir made by a run
     with another config is refused unless ``overwrite``."""
@@ -86,7 +98,7 @@ def run(config: Config, workdir, *, quiet: bool = False, overwrite: bool = False
         _drop(progress_root)
 
     methods = load_methods()
-    rows = {"original": unlearning_metrics(_outputs(network, original, scenario, config), config.seed)}
+    rows = {"original": _metrics(network, original, scenario, config)}
     rows["original"].update(rt_s=0.0, compile_s=0.0, diverged=False, halted_at=None)
     for name in u.methods:
         method_key = dataclasses.replace(u, methods=())  # the list of methods run does not change one
@@ -104,14 +116,16 @@ def run(config: Config, workdir, *, quiet: bool = False, overwrite: bool = False
             meta = {"rt_s": wall - compile_s, "compile_s": compile_s, "history": ctx.history}
             checkpoint.save(directory, unlearned, meta)
             _drop(progress_root)
-        row = unlearning_metrics(_outputs(network, unlearned, scenario, config), config.seed)
+        row = _metrics(network, unlearned, scenario, config)
         halted = [h["halted_at"] for h in meta["history"] if h.get("halted_at") is not None]
         row.update(rt_s=meta["rt_s"], compile_s=meta["compile_s"], diverged=bool(halted))
         row["halted_at"] = halted[0] if halted else None
         rows[name] = row
     oracle = rows.get("retrain")
+    if oracle is not None and oracle["ua"] is None:
+        oracle = None
     for row in rows.values():
-        row["gap"] = gap_to_oracle(row, oracle) if oracle else None
+        row["gap"] = gap_to_oracle(row, oracle) if oracle and row["ua"] is not None else None
         row["rrt"] = row["rt_s"] / oracle["rt_s"] if oracle and oracle["rt_s"] > 0 else None
     results = {
         "methods": rows,
