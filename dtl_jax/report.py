@@ -71,15 +71,18 @@ def unlearning_bars(results: dict, path: Path) -> Path:
 def training_curves(logged: dict[str, list[dict]], path: Path) -> Path | None:
     if not logged:
         return None
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.0))
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.0))
     for stage, rows in logged.items():
         steps = [r["step"] for r in rows]
+        axes[0].plot(steps, [r["loss"] for r in rows], label=stage)
         if "unlearn" in rows[0]:
             axes[1].plot(steps, [r["unlearn"] for r in rows], label=stage)
-        axes[0].plot(steps, [r["loss"] for r in rows], label=stage)
+        if "accuracy" in rows[0]:
+            axes[2].plot(steps, [r["accuracy"] for r in rows], label=stage)
     axes[0].set(xlabel="step", ylabel="loss", title="Training loss per stage")
     axes[1].set(xlabel="step", ylabel="unlearning loss (GC value for gc)", title="Disposal")
     axes[1].set_yscale("symlog")
+    axes[2].set(xlabel="step", ylabel="training batch accuracy", title="Accuracy (supervised stages)")
     for ax in axes:
         ax.legend(fontsize=6)
         ax.grid(alpha=0.3)
