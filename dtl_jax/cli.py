@@ -30,28 +30,29 @@ Results: WORKDIR/results.json and the printed table.
 """
 
 
+def _experiment_args(parser, example: str, default_workdir: str, metavar: str = "KEY=VALUE", overwrite=True):
+    """The arguments every experiment command shares: CONFIG, --set, --workdir, --quiet (--overwrite)."""
+    parser.add_argument("config", nargs="?", default=None, help="config file with get_config() (default: built-in)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar=metavar,
+                        help=f"override a config key, e.g. --set {example} (repeatable)")  # fmt: skip
+    parser.add_argument("--workdir", default=None, help=f"checkpoints and results go here (default: {default_workdir})")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    if overwrite:
+        parser.add_argument("--overwrite", action="store_true", help="reuse a workdir made with another config")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dtl-jax", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    raw = argparse.RawDescriptionHelpFormatter
     run = sub.add_parser(
         "run",
         help="run the whole DTL experiment and print the results table",
         description="Run pre-training, transfer, disposal and piggyback learning; print the table.",
         epilog=RUN_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=raw,
     )
-    run.add_argument("config", nargs="?", default=None, help="config file with get_config() (default: built-in)")
-    run.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set disposal.num_chunks=4 (repeatable)",
-    )
-    run.add_argument("--workdir", default=None, help="where checkpoints and results.json go (default: runs/default)")
-    run.add_argument("--quiet", action="store_true", help="no progress bars")
-    run.add_argument("--overwrite", action="store_true", help="reuse a workdir made with another config")
+    _experiment_args(run, "disposal.num_chunks=4", "runs/default")
     dist = run.add_argument_group(
         "multi-process jobs (jax.distributed; defaults from JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID)"
     )
@@ -64,45 +65,23 @@ def _parser() -> argparse.ArgumentParser:
         help="selective unlearning: SURE against the baselines, one table",
         description="Train (or reuse) the original model, unlearn a forget set with every method, print the table.",
         epilog=UNLEARN_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=raw,
     )
-    unlearn.add_argument("config", nargs="?", default=None, help="config file with get_config() (default: built-in)")
+    _experiment_args(unlearn, "unlearn.sure_alpha=0.5", "runs/unlearn")
     unlearn.add_argument("--scenario", choices=("random", "partial_class", "full_class"), default=None)
     unlearn.add_argument("--methods", default=None, help="comma list, e.g. sure,scrub (default: all nine)")
     unlearn.add_argument("--forget-fraction", type=float, default=None, help="fraction of the data (random) or class")
     unlearn.add_argument("--forget-class", type=int, default=None, help="the class to forget (class scenarios)")
     unlearn.add_argument("--seed", type=int, default=None)
-    unlearn.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set unlearn.sure_alpha=0.5 (repeatable)",
-    )
-    unlearn.add_argument(
-        "--workdir", default=None, help="where checkpoints and results.json go (default: runs/unlearn)"
-    )
-    unlearn.add_argument("--quiet", action="store_true", help="no progress bars")
-    unlearn.add_argument("--overwrite", action="store_true", help="reuse a workdir made with another config")
+
     sweep = sub.add_parser(
         "sweep",
         help="run a grid over config keys (e.g. the λ trade-off), reusing pre-training and transfer",
         description="Run the DTL experiment at every point of a grid: --set key=v1,v2,... sweeps a key.",
         epilog="example:\n  dtl-jax sweep --set disposal.gc_lambda=0.001,0.003,0.01 --set disposal.methods=gc,ngc",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=raw,
     )
-    sweep.add_argument("config", nargs="?", default=None, help="config file with get_config() (default: built-in)")
-    sweep.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=V1,V2,...",
-        help="a swept (comma list on a scalar key) or fixed override (repeatable)",
-    )
-    sweep.add_argument("--workdir", default=None, help="default: runs/sweep")
-    sweep.add_argument("--quiet", action="store_true", help="no progress bars")
+    _experiment_args(sweep, "disposal.gc_lambda=0.01,0.1,1", "runs/sweep", "KEY=V1,V2,...", overwrite=False)
 
     report = sub.add_parser(
         "report",

@@ -19,10 +19,11 @@ TINY = [
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
-def _run(workdir: Path, kill_when: str | None = None) -> int:
-    """Runs dtl-jax; with ``kill_when`` (a glob under the workdir), SIGKILLs it once that appears."""
+def _cli(args: list[str], workdir: Path, kill_when: str | None = None) -> int:
+    """Runs ``dtl-jax ARGS --workdir WORKDIR``; with ``kill_when`` (a glob under the workdir), SIGKILLs it
+    as soon as that appears. Returns the exit code (asserting success when not killed)."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "dtl_jax.cli", *TINY, "--workdir", str(workdir)],
+        [sys.executable, "-m", "dtl_jax.cli", *args, "--workdir", str(workdir)],
         env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     if kill_when is None:
@@ -37,6 +38,10 @@ def _run(workdir: Path, kill_when: str | None = None) -> int:
         time.sleep(0.02)
     proc.communicate(timeout=60)
     return proc.returncode
+
+
+def _run(workdir: Path, kill_when: str | None = None) -> int:
+    return _cli(TINY, workdir, kill_when)
 
 
 def _comparable(results: dict) -> dict:
@@ -84,21 +89,9 @@ UNLEARN = [
 
 
 def _unlearn(workdir: Path, kill_when: str | None = None) -> dict | int:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "dtl_jax.cli", *UNLEARN, "--workdir", str(workdir)],
-        env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    code = _cli(UNLEARN, workdir, kill_when)
     if kill_when is not None:
-        deadline = time.time() + 600
-        while time.time() < deadline and proc.poll() is None:
-            if list(workdir.glob(kill_when)):
-                proc.send_signal(signal.SIGKILL)
-                break
-            time.sleep(0.02)
-        proc.communicate(timeout=60)
-        return proc.returncode
-    _, err = proc.communicate(timeout=600)
-    assert proc.returncode == 0, err[-2000:]
+        return code
     rows = json.loads((workdir / "results.json").read_text())["methods"]
     timing = ("rt_s", "compile_s", "rrt")
     return {m: {k: v for k, v in r.items() if k not in timing} for m, r in rows.items()}

@@ -22,6 +22,16 @@ def _free_port() -> str:
         return str(s.getsockname()[1])
 
 
+def _two_processes(command, env) -> None:
+    """Runs ``command(0)`` and ``command(1)`` together (a 2-process job) and checks both succeed."""
+    procs = [
+        subprocess.Popen(command(i), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for i in range(2)
+    ]
+    logs = [p.communicate(timeout=240)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), [log[-2000:] for log in logs]
+
+
 @pytest.fixture(scope="module")
 def report():
     env = {**os.environ, "JAX_NUM_CPU_DEVICES": "4", "PYTHONPATH": str(HERE.parent)}
@@ -56,18 +66,7 @@ def test_two_processes_on_localhost_equal_one(tmp_path):
     out = tmp_path / "report.json"
     env = {**os.environ, "PYTHONPATH": str(HERE.parent), "JAX_NUM_CPU_DEVICES": "1"}
     script = str(HERE / "multiprocess_check.py")
-    procs = [
-        subprocess.Popen(
-            [sys.executable, script, str(i), port, str(out)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )  # fmt: skip
-        for i in range(2)
-    ]
-    logs = [p.communicate(timeout=240)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), logs
+    _two_processes(lambda i: [sys.executable, script, str(i), port, str(out)], env)
     report = json.loads(out.read_text())
     assert report["processes"] == 2 and report["devices"] == 2
     assert abs(report["gc"] - report["gc_reference"]) <= 1e-5 * max(1.0, abs(report["gc_reference"]))
@@ -81,28 +80,11 @@ def test_dtl_jax_run_as_two_processes_equals_one(tmp_path):
     tiny = ["run", str(HERE.parent / "configs" / "digits.py"), "--quiet", "--set", "disposal.num_chunks=2",
             "--set", "disposal.steps=6", "--set", "piggyback.epochs=2", "--set", "disposal.methods=gc,rtf"]  # fmt: skip
     cli = [sys.executable, "-m", "dtl_jax.cli", *tiny]
-    procs = [
-        subprocess.Popen(
-            [
-                *cli,
-                "--workdir",
-                str(tmp_path / "multi"),
-                "--coordinator",
-                f"localhost:{port}",
-                "--num-processes",
-                "2",
-                "--process-id",
-                str(i),
-            ],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )  # fmt: skip
-        for i in range(2)
-    ]
-    logs = [p.communicate(timeout=240)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), [log[-2000:] for log in logs]
+    _two_processes(
+        lambda i: [*cli, "--workdir", str(tmp_path / "multi"), "--coordinator", f"localhost:{port}",
+                   "--num-processes", "2", "--process-id", str(i)],
+        env,
+    )  # fmt: skip
     single = subprocess.run([*cli, "--workdir", str(tmp_path / "single")], env=env, capture_output=True, timeout=240)
     assert single.returncode == 0, single.stderr[-2000:]
     two_devices = subprocess.run(  # one process, the disposal step sharded over 2 devices
