@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -93,12 +94,16 @@ class Progress:
         )
         self._manager.wait_until_finished()
 
-    def close(self, remove: bool = False) -> None:
+    def close(self) -> None:
         self._manager.close()
-        if remove and jax.process_index() == 0:
-            import shutil
 
-            shutil.rmtree(self.directory, ignore_errors=True)
+
+def remove(directory: str | os.PathLike) -> None:
+    """Deletes a folder of checkpoints (e.g. a stage's ``Progress`` once its final checkpoint is written);
+    in a multi-process job, process 0 does it."""
+    path = _path(directory)
+    if jax.process_index() == 0 and path.exists():
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _agreed_step(step: int | None) -> int | None:

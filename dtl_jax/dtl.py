@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -113,16 +112,9 @@ def _progress(exp: Experiment, directory: Path) -> Progress | None:
     return Progress(directory.with_name(directory.name + ".progress"), every) if every else None
 
 
-def _finish(progress: Progress | None) -> None:
-    if progress is not None:
-        progress.close(remove=True)
-
-
 def _drop_progress(directory: Path) -> None:
-    """Removes a stage's mid-stage checkpoints once its final checkpoint is written (process 0 only)."""
-    path = directory.with_name(directory.name + ".progress")
-    if jax.process_index() == 0 and path.exists():
-        shutil.rmtree(path, ignore_errors=True)
+    """Removes a stage's mid-stage checkpoints once its final checkpoint is written."""
+    checkpoint.remove(directory.with_name(directory.name + ".progress"))
 
 
 def _supervised(
@@ -241,7 +233,7 @@ def dispose(exp: Experiment, method: str, tl: dict) -> tuple[dict, dict]:
     else:
         source_batches = exp.batches(exp.source.train, d.source_batch_size, seed)
     target_batches = exp.batches(exp.target.train, c.transfer.batch_size, seed + 1)
-    batches = ((shard_batch(exp.mesh, s), shard_batch(exp.mesh, t)) for s, t in zip(source_batches, target_batches))
+    batches = zip(source_batches, target_batches)
 
     val_split = exp.target.val if len(exp.target.val) else exp.target.train
     tl_val = exp.accuracy(teacher, val_split, "target")
@@ -265,6 +257,7 @@ def dispose(exp: Experiment, method: str, tl: dict) -> tuple[dict, dict]:
     state, history, halted_at = run_steps(
         step, state, batches, d.steps, desc=f"disposal {method}", every=d.eval_every, on_check=on_check,
         quiet=exp.quiet, progress=progress, bookkeeping=book, writer=exp.writer,
+        place=lambda s, t: (shard_batch(exp.mesh, s), shard_batch(exp.mesh, t)),
     )  # fmt: skip
     meta = {
         "method": method,
@@ -279,7 +272,9 @@ def dispose(exp: Experiment, method: str, tl: dict) -> tuple[dict, dict]:
         "seconds": time.perf_counter() - start,
     }
     checkpoint.save(directory, best["variables"], meta)
-    _finish(progress)
+    if progress is not None:
+        progress.close()
+    _drop_progress(directory)
     return best["variables"], meta
 
 

@@ -39,6 +39,7 @@ def run_steps(
     progress: Progress | None = None,
     bookkeeping: Bookkeeping | None = None,
     writer: MetricsWriter | None = None,
+    place: Callable | None = None,
 ) -> tuple[dict, list[dict], int | None]:
     """Runs ``num_steps`` of ``state, metrics = step(state, *next(batches))``.
 
@@ -53,6 +54,8 @@ def run_steps(
     sees the same batches as an uninterrupted one and ends with the same state).
 
     ``writer`` (a ``MetricsWriter``) receives the fetched metrics under the stage name ``desc``.
+    ``place(*batch)`` (e.g. sharding onto a device mesh) is applied to each batch just before its step,
+    so that replaying the stream on resume moves nothing to the devices.
     """
     history: list[dict] = []
     bookkeeping = bookkeeping or Bookkeeping()
@@ -86,7 +89,8 @@ def run_steps(
     for done in range(start + 1, num_steps + 1):
         if halted:
             break
-        state, metrics = step(state, *next(batches))
+        batch = next(batches)
+        state, metrics = step(state, *(place(*batch) if place is not None else batch))
         pending.append((done, metrics))
         bar.update(1)
         if done % log_every == 0 or done == num_steps:

@@ -7,7 +7,6 @@ from ``jax.monitoring``'s compile events); the compile time is reported beside i
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import time
 from pathlib import Path
 
@@ -37,11 +36,6 @@ def _on_event(name: str, seconds: float, **_) -> None:
 
 
 monitoring.register_event_duration_secs_listener(_on_event)
-
-
-def _drop(path: Path) -> None:
-    if jax.process_index() == 0 and path.exists():
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def _outputs(network, variables, scenario, config) -> dict:
@@ -95,7 +89,7 @@ def run(config: Config, workdir, *, quiet: bool = False, overwrite: bool = False
         stream = ((b,) for b in ctx.batches(scenario.train, u.original.batch_size, seed=20))
         original = ctx.train(steps.supervised_step(network, HEAD, tx), variables, tx, stream, total, "original")
         checkpoint.save(original_dir, original, {"history": ctx.history})
-        _drop(progress_root)
+        checkpoint.remove(progress_root)
 
     methods = load_methods()
     rows = {"original": _metrics(network, original, scenario, config)}
@@ -115,7 +109,7 @@ def run(config: Config, workdir, *, quiet: bool = False, overwrite: bool = False
             compile_s = _COMPILE_SECONDS[0] - compile_before
             meta = {"rt_s": wall - compile_s, "compile_s": compile_s, "history": ctx.history}
             checkpoint.save(directory, unlearned, meta)
-            _drop(progress_root)
+            checkpoint.remove(progress_root)
         row = _metrics(network, unlearned, scenario, config)
         halted = [h["halted_at"] for h in meta["history"] if h.get("halted_at") is not None]
         row.update(rt_s=meta["rt_s"], compile_s=meta["compile_s"], diverged=bool(halted))
