@@ -36,3 +36,27 @@ def test_backbone_plus_named_heads(config, image):
     jitted = jax.jit(lambda v, x: network.apply(v, x, head="source", train=False)[0])(variables, x)
     chex.assert_trees_all_close(jitted, network.apply(variables, x, head="source", train=False)[0], rtol=1e-5)
     assert jnp.all(jnp.isfinite(jitted))
+
+
+@pytest.mark.parametrize("shape", [(4, 8, 8, 3), (2, 7, 9, 5)])
+@pytest.mark.parametrize("ties", [False, True])
+def test_max_pool_equals_flax_bit_for_bit(shape, ties):
+    """``max_pool_2x2`` is ``nn.max_pool(x, (2, 2), (2, 2))`` in value, gradient and HVP (forward-over-
+    reverse), also where windows hold tied maxima (rounded inputs): ties go to the first in row-major order."""
+    import flax.linen as nn
+
+    from dtl_jax.models.backbones import max_pool_2x2
+
+    x = jax.random.normal(jax.random.PRNGKey(1), shape)
+    if ties:
+        x = jnp.round(x)  # many windows with equal maxima
+    flax_pool = lambda y: nn.max_pool(y, (2, 2), (2, 2))  # noqa: E731
+    np.testing.assert_array_equal(max_pool_2x2(x), flax_pool(x))
+    weights = jax.random.normal(jax.random.PRNGKey(2), max_pool_2x2(x).shape)
+    direction = jax.random.normal(jax.random.PRNGKey(3), shape)
+    for pool_derivative in (jax.grad, lambda f: lambda y: jax.jvp(jax.grad(f), (y,), (direction,))[1]):
+        ours, theirs = (
+            pool_derivative(lambda y, pool=pool: jnp.sum(weights * pool(y) ** 2))(x)
+            for pool in (max_pool_2x2, flax_pool)
+        )
+        np.testing.assert_array_equal(ours, theirs)
