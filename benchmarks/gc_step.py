@@ -7,6 +7,8 @@ GC (METHODS.md §1.1) over ``K`` contiguous chunks of the same batch. Variants o
 - ``jvp`` (library default): ``dtl_jax.gc.gc_loss``; chunks unrolled, forward-over-reverse HVPs
   recomputed in the backward pass of its ``custom_vjp``;
 - ``linearize``: ``gc_loss(..., hvp="linearize")``, linearisations kept from the forward pass;
+- ``low-memory``: ``gc_loss(..., low_memory=True)``, chunks visited by ``lax.scan``, each chunk gradient
+  recomputed in the backward pass (``benchmarks/memory.py`` measures what it saves);
 - ``sharded``: ``dtl_jax.gc.sharded_collision`` under ``jax.shard_map`` on one device (the path the
   disposal step takes);
 - ``vmap``: chunk gradients and HVPs ``jax.vmap``-ed over the chunk axis (no custom rule);
@@ -41,7 +43,7 @@ from dtl_jax.config import ModelConfig
 from dtl_jax.gc import gc_loss, pairwise_collision, sharded_collision, split_chunks
 from dtl_jax.models import build
 
-VARIANTS = ("jvp", "linearize", "sharded", "vmap", "scan", "rev-rev")
+VARIANTS = ("jvp", "linearize", "low-memory", "sharded", "vmap", "scan", "rev-rev")
 WIDTHS = {"mlp": (256, 256), "cnn": (16, 32, 64), "resnet18": (64, 128, 256, 512)}
 
 
@@ -97,6 +99,7 @@ def gradient_fns(ce, num_chunks):
     return {
         "jvp": lambda p, b: jax.grad(lambda q: gc_loss(ce, q, b, num_chunks))(p),
         "linearize": lambda p, b: jax.grad(lambda q: gc_loss(ce, q, b, num_chunks, hvp="linearize"))(p),
+        "low-memory": lambda p, b: jax.grad(lambda q: gc_loss(ce, q, b, num_chunks, low_memory=True))(p),
         "sharded": sharded,
         "vmap": vmapped,
         "scan": scanned,

@@ -38,14 +38,15 @@ def _steps(network, num_chunks):
         grads = jax.grad(ce)(params, batch)
         return optax.apply_updates(params, tx.update(grads, tx.init(params))[0])
 
-    def collision(hvp):
+    def collision(**options):
         def step(params, batch):
-            grads = jax.grad(lambda p: gc_loss(ce, p, batch, num_chunks, hvp=hvp))(params)
+            grads = jax.grad(lambda p: gc_loss(ce, p, batch, num_chunks, **options))(params)
             return optax.apply_updates(params, tx.update(grads, tx.init(params))[0])
 
         return step
 
-    return {"plain": plain, **{f"gc_{mode}": collision(mode) for mode in HVP_MODES}}
+    return {"plain": plain, **{f"gc_{mode}": collision(hvp=mode) for mode in HVP_MODES},
+            "gc_low_memory": collision(low_memory=True)}  # fmt: skip
 
 
 def _analysis(fn, params, batch) -> dict:

@@ -86,9 +86,9 @@ def _zero_cotangent(x):
 HVP_MODES = ("jvp", "linearize")
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
-def _collision(loss_fn, normalized, eps, hvp, params, chunks, consts):
-    value, _ = _collision_fwd(loss_fn, normalized, eps, hvp, params, chunks, consts)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
+def _collision(loss_fn, normalized, eps, hvp, low_memory, params, chunks, consts):
+    value, _ = _collision_fwd(loss_fn, normalized, eps, hvp, low_memory, params, chunks, consts)
     return value
 
 
@@ -130,9 +130,46 @@ def _linearized_grad(grad_fn, params, chunk, consts):
     return jax.linearize(lambda p: grad_fn(p, chunk, *consts), params)
 
 
-def _collision_fwd(loss_fn, normalized, eps, hvp, params, chunks, consts):
+def _streamed_sums(grad_fn, params, chunks, consts, normalized, eps):
+    """``(Σ_k u_k, Σ_k ||u_k||², [n_k])`` for ``low_memory``: a ``lax.scan`` over the chunks, so that one
+    chunk gradient is alive at a time. (A loop, not unrolled code: XLA merges unrolled recomputations with
+    the forward pass's, and XLA:CPU drops ``lax.optimization_barrier`` before it could stop that.)"""
+
+    def body(carry, chunk):
+        total, squares = carry
+        [unit], [norm] = _units([grad_fn(params, chunk, *consts)], normalized, eps)
+        return (jax.tree.map(jnp.add, total, unit), squares + _vdot(unit, unit)), jnp.asarray(norm)
+
+    leaves = jax.tree.leaves(params)  # zeros_like keeps a shard_map's device-varying type
+    start = (jax.tree.map(jnp.zeros_like, params), jnp.zeros_like(leaves[0], jnp.result_type(*leaves), shape=()))
+    (total, squares), norms = jax.lax.scan(body, start, chunks)
+    return total, squares, norms
+
+
+def _streamed_hvps(grad_fn, params, chunks, consts, total, norms, num_chunks, normalized):
+    """``Σ_k H_k v_k`` for ``low_memory``: a ``lax.scan`` over the chunks that recomputes each ``g_k``
+    (shared with the primal of chunk ``k``'s ``jax.jvp``), forms ``v_k`` from it and ``G`` (``U``), and adds
+    ``H_k v_k`` to the running sum."""
+
+    def body(result, xs):
+        chunk, norm = xs
+        chunk_grad = lambda p: grad_fn(p, chunk, *consts)  # noqa: E731
+        unit = chunk_grad(params)
+        if normalized:
+            unit = _scale(unit, 1.0 / norm)
+        direction = _direction(total, unit, norm, num_chunks, normalized)
+        return jax.tree.map(jnp.add, result, jax.jvp(chunk_grad, (params,), (direction,))[1]), None
+
+    return jax.lax.scan(body, jax.tree.map(jnp.zeros_like, params), (chunks, norms))[0]
+
+
+def _collision_fwd(loss_fn, normalized, eps, hvp, low_memory, params, chunks, consts):
     grad_fn = jax.grad(loss_fn)
     num_chunks = jax.tree.leaves(chunks)[0].shape[0]
+    if low_memory:  # keep only G (U) and the norms; the backward pass recomputes every g_k
+        total, squares, norms = _streamed_sums(grad_fn, params, chunks, consts, normalized, eps)
+        value = (_vdot(total, total) - squares) / (num_chunks * (num_chunks - 1))
+        return value, (params, chunks, consts, (total, norms))
     if hvp == "linearize":
         # g_k and the linear map v -> H_k v from one forward-over-reverse pass; the map's residuals
         # (activations and their tangents' coefficients) are kept for the backward pass.
@@ -145,11 +182,15 @@ def _collision_fwd(loss_fn, normalized, eps, hvp, params, chunks, consts):
     return value, (residual, chunks, consts, directions)
 
 
-def _collision_bwd(loss_fn, normalized, eps, hvp, residuals, cotangent):
-    del normalized, eps
+def _collision_bwd(loss_fn, normalized, eps, hvp, low_memory, residuals, cotangent):
+    del eps
     residual, chunks, consts, directions = residuals
     grad_fn = jax.grad(loss_fn)
     total = None
+    if low_memory:
+        total_units, norms = directions
+        total = _streamed_hvps(grad_fn, residual, chunks, consts, total_units, norms, norms.shape[0], normalized)
+        directions = []
     for k, direction in enumerate(directions):
         if hvp == "linearize":
             product = residual[k](direction)
@@ -172,6 +213,7 @@ def gc_loss(
     normalized: bool = False,
     eps: float = 1e-12,
     hvp: str = "jvp",
+    low_memory: bool = False,
 ) -> jax.Array:
     """Gradient Collision loss (METHODS.md §1.1); NGC with ``normalized=True``.
 
@@ -193,6 +235,13 @@ def gc_loss(
         no faster on CPU (``benchmarks/gc_step.py``). Under ``jax.jit`` XLA shares the recomputed
         gradient with the forward one, so both modes compile to the same temporary memory
         (``benchmarks/memory.py``).
+      low_memory: keep no chunk gradients between the forward and the backward pass: a ``lax.scan``
+        visits the chunks keeping only ``G`` (``U``) and the norms, and the backward pass recomputes each
+        ``g_k`` inside its HVP. Temporary memory falls from about ``2K+1`` parameter-sized buffers plus
+        every chunk's activations to about 3 plus one chunk's (``benchmarks/memory.py``: MLP 12.6 →
+        5.2 MiB, small CNN 131 → 32 MiB at batch 128, K = 4); the time rises by ``K`` chunk gradients
+        (MLP: 1.3-1.5x the default). On XLA:CPU, convolutions inside a loop body run about 30x slower
+        than unrolled, so keep the default for conv nets on CPU. ``hvp`` is ignored (always ``"jvp"``).
 
     Returns:
       A scalar. ``jax.grad`` of it costs ``K`` chunk gradients plus ``K`` forward-over-reverse
@@ -209,7 +258,7 @@ def gc_loss(
         raise ValueError(f"hvp={hvp!r}: expected one of {', '.join(HVP_MODES)}")
     chunks = split_chunks(batch, num_chunks)
     closed, consts = jax.closure_convert(loss_fn, params, _chunk(chunks, 0))
-    return _collision(closed, bool(normalized), float(eps), hvp, params, chunks, tuple(consts))
+    return _collision(closed, bool(normalized), float(eps), hvp, bool(low_memory), params, chunks, tuple(consts))
 
 
 def sharded_collision(
@@ -221,6 +270,7 @@ def sharded_collision(
     *,
     normalized: bool = False,
     eps: float = 1e-12,
+    low_memory: bool = False,
 ) -> tuple[jax.Array, PyTree]:
     """GC / NGC with chunks spread over the devices of a ``shard_map`` axis (METHODS.md §1.1, Distributed).
 
@@ -236,7 +286,8 @@ def sharded_collision(
     **second all-reduce**, which a train step fuses with its other gradients (``psum`` of
     ``retain_grad / N + λ · local_hvp``), so a sharded disposal step has exactly two parameter-size
     all-reduces. Gradients here are local: ``params`` is cast to device-varying before differentiating,
-    so no implicit ``psum`` is inserted by ``jax.grad`` inside ``shard_map``.
+    so no implicit ``psum`` is inserted by ``jax.grad`` inside ``shard_map``. ``low_memory`` as in
+    ``gc_loss``: the local chunks are visited by a ``lax.scan`` and recomputed for their HVPs.
     """
     devices = jax.lax.axis_size(axis_name)
     if num_chunks % devices:
@@ -245,11 +296,17 @@ def sharded_collision(
     params = jax.lax.pcast(params, axis_name, to="varying")
     chunks = split_chunks(local_batch, local) if local > 1 else jax.tree.map(lambda x: x[None], local_batch)
     grad_fn = jax.grad(loss_fn)
-    grads = [grad_fn(params, _chunk(chunks, k)) for k in range(local)]
-    units, norms = _units(grads, normalized, eps)
-    total = jax.lax.psum(_sum(units), axis_name)  # all-reduce 1
-    squares = jax.lax.psum(sum(_vdot(u, u) for u in units), axis_name)
+    if low_memory:
+        local_total, squares, norms = _streamed_sums(grad_fn, params, chunks, (), normalized, eps)
+    else:
+        grads = [grad_fn(params, _chunk(chunks, k)) for k in range(local)]
+        units, norms = _units(grads, normalized, eps)
+        local_total, squares = _sum(units), sum(_vdot(u, u) for u in units)
+    total = jax.lax.psum(local_total, axis_name)  # all-reduce 1
+    squares = jax.lax.psum(squares, axis_name)
     value = (_vdot(total, total) - squares) / (num_chunks * (num_chunks - 1))
+    if low_memory:
+        return value, _streamed_hvps(grad_fn, params, chunks, (), total, norms, num_chunks, normalized)
     hvp = None
     for k in range(local):
         direction = _direction(total, units[k], norms[k], num_chunks, normalized)

@@ -43,7 +43,7 @@ def test_value_matches_explicit_pairs(x64, normalized, k):
     np.testing.assert_allclose(got, _explicit(loss, params, batch, k, normalized), rtol=1e-12)
 
 
-@pytest.mark.parametrize("hvp", ["jvp", "linearize"])
+@pytest.mark.parametrize("hvp", ["jvp", "linearize", "low_memory"])
 @pytest.mark.parametrize("normalized", [False, True])
 def test_gradient_matches_hessian_reference(x64, normalized, hvp):
     """∇GC = Σ_k H_k v_k with H_k from jax.hessian (materialised, tiny model) and v_k = ∂φ/∂g_k."""
@@ -55,9 +55,43 @@ def test_gradient_matches_hessian_reference(x64, normalized, hvp):
     grads = [jax.grad(fn)(flat0) for fn in chunk_loss]
     directions = jax.grad(lambda gs: pairwise_collision(gs, normalized))(grads)
     expected = sum(jax.hessian(fn)(flat0) @ v for fn, v in zip(chunk_loss, directions))
-    got = _flat(jax.grad(lambda p: gc_loss(loss, p, batch, k, normalized=normalized, hvp=hvp))(params))
+    options = {"low_memory": True} if hvp == "low_memory" else {"hvp": hvp}
+    got = _flat(jax.grad(lambda p: gc_loss(loss, p, batch, k, normalized=normalized, **options))(params))
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-12)
     assert np.max(np.abs(got - expected)) / np.max(np.abs(expected)) < 1e-5
+
+
+@pytest.mark.parametrize("normalized", [False, True])
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_low_memory_value_and_gradient_equal_default(x64, normalized, k):
+    loss, params, batch = _problem(seed=2)
+    f = lambda p, low: gc_loss(loss, p, batch, k, normalized=normalized, low_memory=low)
+    value, grad = jax.jit(jax.value_and_grad(f), static_argnums=1)(params, True)
+    ref_value, ref_grad = jax.value_and_grad(f)(params, False)
+    np.testing.assert_allclose(value, ref_value, rtol=1e-12)
+    np.testing.assert_allclose(_flat(grad), _flat(ref_grad), rtol=1e-10, atol=1e-14)
+
+
+def test_low_memory_keeps_fewer_parameter_sized_buffers():
+    """XLA's compiled temporary memory (deterministic, not a timing) for a parameter-dominated model: the
+    default keeps the K chunk gradients and their directions (about 2K+1 parameter-sized buffers),
+    ``low_memory`` G, the HVP sum and one chunk's gradient (about 3)."""
+    params = {"w": jax.ShapeDtypeStruct((512, 256), jnp.float32), "v": jax.ShapeDtypeStruct((256, 4), jnp.float32)}
+    batch = {"x": jax.ShapeDtypeStruct((32, 512), jnp.float32), "y": jax.ShapeDtypeStruct((32,), jnp.int32)}
+
+    def loss(p, b):
+        logits = jnp.tanh(b["x"] @ p["w"]) @ p["v"]
+        return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(b["y"].shape[0]), b["y"]])
+
+    def temp(fn):
+        return jax.jit(fn).lower(params, batch).compile().memory_analysis().temp_size_in_bytes
+
+    param_bytes = 4 * (512 * 256 + 256 * 4)
+    default = temp(jax.grad(lambda p, b: gc_loss(loss, p, b, 4)))
+    low = temp(jax.grad(lambda p, b: gc_loss(loss, p, b, 4, low_memory=True)))
+    print(f"temp / parameter bytes: default {default / param_bytes:.2f}, low_memory {low / param_bytes:.2f}")
+    assert default >= 5 * param_bytes, (default, param_bytes)
+    assert low <= 4 * param_bytes, (low, param_bytes)
 
 
 @pytest.mark.parametrize("normalized", [False, True])

@@ -42,13 +42,14 @@ def report():
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("method", ["gc", "ngc", "rtf"])
+@pytest.mark.parametrize("method", ["gc", "ngc", "rtf", "gc_low_memory", "ngc_low_memory"])
 def test_four_devices_equal_one(report, method):
+    """``*_low_memory``: the low-memory GC path on 4 devices against the default path on one."""
     assert report[f"{method}_unlearn_rel"] <= 1e-5  # the GC / NGC / RTF value
     assert report[f"{method}_param_rel"] <= 1e-5  # the updated parameters
 
 
-@pytest.mark.parametrize("method", ["gc", "ngc"])
+@pytest.mark.parametrize("method", ["gc", "ngc", "gc_low_memory", "ngc_low_memory"])
 def test_exactly_two_parameter_size_all_reduces(report, method):
     sizes = report[f"{method}_all_reduces"]
     big = [s for s in sizes if s >= report["param_count"] // 2]

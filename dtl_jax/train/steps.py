@@ -185,7 +185,13 @@ def disposal_step(
 
             chunks = {"image": source_batch["image"], "label": source_batch["label"]}
             unlearn, hvp = sharded_collision(
-                chunk_loss, gc_part, chunks, config.num_chunks, AXIS, normalized=method == "ngc"
+                chunk_loss,
+                gc_part,
+                chunks,
+                config.num_chunks,
+                AXIS,
+                normalized=method == "ngc",
+                low_memory=config.gc_low_memory,
             )
             zeros = jax.tree.map(jnp.zeros_like, rest)
             unlearn_share = merge_params(hvp, zeros)  # already a sum-type share of ∇GC
