@@ -84,7 +84,10 @@ def training_curves(logged: dict[str, list[dict]], path: Path) -> Path | None:
     axes[1].set_yscale("symlog")
     axes[2].set(xlabel="step", ylabel="training batch accuracy", title="Accuracy (supervised stages)")
     for ax in axes:
-        ax.legend(fontsize=6)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=6)
+        else:  # e.g. no disposal stage in an unlearning run
+            ax.text(0.5, 0.5, "not part of this run", ha="center", va="center", transform=ax.transAxes, color="0.5")
         ax.grid(alpha=0.3)
     return _save(fig, path)
 

@@ -62,3 +62,14 @@ def test_report_renders_in_headless_chromium_with_every_image(dtl_workdir, tmp_p
     loaded = re.search(r'data-images-loaded="(\d+)/(\d+)"', dom)
     assert loaded, dom[-500:]
     assert loaded.group(1) == loaded.group(2) == "3"
+
+
+def test_training_curves_without_a_disposal_stage_warn_nothing(tmp_path):
+    """An unlearning run logs no disposal stage: its empty panel says so instead of a legend warning."""
+    import warnings
+
+    rows = [{"step": s, "loss": 1.0 / (s + 1), "accuracy": 0.1 * s} for s in range(5)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        path = report.training_curves({"original": rows}, tmp_path / "curves.png")
+    assert path.stat().st_size > 1000
