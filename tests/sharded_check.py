@@ -9,10 +9,9 @@ import dataclasses
 import json
 import sys
 
-STEPS = int(sys.argv[1]) if len(sys.argv) > 1 else 1
-
 
 def main() -> None:
+    steps_per_run = int(sys.argv[1]) if len(sys.argv) > 1 else 1  # parsed here: pytest imports this file
     import jax
     import numpy as np
 
@@ -40,7 +39,7 @@ def main() -> None:
             step = steps.disposal_step(network, method, variant, tx, variables, data_mesh(devices))
             state = steps.init_state(variables, tx, 0)
             losses = []
-            for _ in range(STEPS):
+            for _ in range(steps_per_run):
                 state, metrics = step(state, source, target)
                 losses.append(float(metrics["unlearn"]))
             results[devices] = (losses, jax.device_get(state["params"]))
