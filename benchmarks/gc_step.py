@@ -7,7 +7,7 @@ GC (METHODS.md §1.1) over ``K`` contiguous chunks of the same batch. Variants o
 - ``jvp`` (library default): ``dtl_jax.gc.gc_loss``; chunks unrolled, forward-over-reverse HVPs
   recomputed in the backward pass of its ``custom_vjp``;
 - ``linearize``: ``gc_loss(..., hvp="linearize")``, linearisations kept from the forward pass;
-- ``low-memory``: ``gc_loss(..., low_memory=True)``, chunks visited by ``lax.scan``, each chunk gradient
+- ``low-memory``: ``gc_loss(..., low_memory=True)``, chunks visited one after another, each chunk gradient
   recomputed in the backward pass (``benchmarks/memory.py`` measures what it saves);
 - ``sharded``: ``dtl_jax.gc.sharded_collision`` under ``jax.shard_map`` on one device (the path the
   disposal step takes);

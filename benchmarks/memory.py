@@ -3,8 +3,8 @@
 Both are full jitted train steps (loss, gradient, SGD update with donated parameters), as in
 ``benchmarks/gc_step.py``: the plain step is one cross-entropy gradient over the batch; the GC step is
 ``jax.grad`` of ``dtl_jax.gc.gc_loss`` (``K`` chunk gradients plus ``K`` forward-over-reverse HVPs), once
-per ``hvp`` mode ("jvp", "linearize") and once with ``low_memory=True`` (a ``lax.scan`` over chunks that
-recomputes each chunk gradient in the backward pass). Nothing is run: each step is lowered and compiled and
+per ``hvp`` mode ("jvp", "linearize") and once with ``low_memory=True`` (chunks visited one after another,
+each chunk gradient recomputed in the backward pass). Nothing is run: each step is lowered and compiled and
 ``compiled.memory_analysis()`` gives ``temp_size_in_bytes`` (XLA's buffer-assignment peak of
 intermediate buffers), argument and output sizes. Reports the ratio GC temp / plain temp.
 Target: at most 2.5. A floor for any model-agnostic GC gradient is three parameter-sized buffers (``G``,

@@ -130,37 +130,57 @@ def _linearized_grad(grad_fn, params, chunk, consts):
     return jax.linearize(lambda p: grad_fn(p, chunk, *consts), params)
 
 
+def _after(carry, params, chunk):
+    """``(params, chunk)``, made to depend on the whole of ``carry``: XLA must finish ``carry`` first and
+    cannot merge what is computed from them with anything computed earlier.
+
+    That is what ``low_memory`` needs: chunk ``k+1``'s gradient waits for the running sum of chunk ``k``
+    (so one chunk's buffers are alive at a time), and a gradient recomputed in the backward pass is not
+    merged with the forward pass's (which would keep every ``g_k`` alive). ``lax.optimization_barrier``
+    says this but XLA:CPU drops it before common-subexpression elimination (jaxlib 0.10.2), and a
+    ``lax.scan`` over chunks put convolution weight gradients in a loop body, which XLA:CPU ran 50x slower.
+    So the dependency is data: ``0·Σ carry`` (a scalar; XLA does not fold a floating-point ``0·s``, which
+    is NaN for infinite ``s``) is added to the chunk's floating-point leaves, or to the parameters if it
+    has none. ``x + 0`` is ``x`` bit for bit (up to the sign of a zero); a non-finite ``carry`` makes the
+    result non-finite, which a step with a non-finite ``G`` is anyway (the divergence guard halts it).
+    """
+    token = 0.0 * sum(jnp.sum(x) for x in jax.tree.leaves(carry))
+
+    def add(x):
+        return x + token.astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.inexact) else x
+
+    if any(jnp.issubdtype(x.dtype, jnp.inexact) for x in jax.tree.leaves(chunk)):
+        return params, jax.tree.map(add, chunk)
+    return jax.tree.map(add, params), chunk
+
+
 def _streamed_sums(grad_fn, params, chunks, consts, normalized, eps):
-    """``(Σ_k u_k, Σ_k ||u_k||², [n_k])`` for ``low_memory``: a ``lax.scan`` over the chunks, so that one
-    chunk gradient is alive at a time. (A loop, not unrolled code: XLA merges unrolled recomputations with
-    the forward pass's, and XLA:CPU drops ``lax.optimization_barrier`` before it could stop that.)"""
-
-    def body(carry, chunk):
-        total, squares = carry
-        [unit], [norm] = _units([grad_fn(params, chunk, *consts)], normalized, eps)
-        return (jax.tree.map(jnp.add, total, unit), squares + _vdot(unit, unit)), jnp.asarray(norm)
-
-    leaves = jax.tree.leaves(params)  # zeros_like keeps a shard_map's device-varying type
-    start = (jax.tree.map(jnp.zeros_like, params), jnp.zeros_like(leaves[0], jnp.result_type(*leaves), shape=()))
-    (total, squares), norms = jax.lax.scan(body, start, chunks)
-    return total, squares, norms
+    """``(Σ_k u_k, Σ_k ||u_k||², [n_k])`` for ``low_memory``: one chunk gradient alive at a time."""
+    num_chunks = jax.tree.leaves(chunks)[0].shape[0]
+    total, squares, norms = None, 0.0, []
+    for k in range(num_chunks):
+        current, chunk = (params, _chunk(chunks, k)) if total is None else _after(total, params, _chunk(chunks, k))
+        [unit], [norm] = _units([grad_fn(current, chunk, *consts)], normalized, eps)
+        total = unit if total is None else jax.tree.map(jnp.add, total, unit)
+        squares = squares + _vdot(unit, unit)
+        norms.append(jnp.asarray(norm))
+    return total, squares, jnp.stack(norms)
 
 
 def _streamed_hvps(grad_fn, params, chunks, consts, total, norms, num_chunks, normalized):
-    """``Σ_k H_k v_k`` for ``low_memory``: a ``lax.scan`` over the chunks that recomputes each ``g_k``
-    (shared with the primal of chunk ``k``'s ``jax.jvp``), forms ``v_k`` from it and ``G`` (``U``), and adds
-    ``H_k v_k`` to the running sum."""
-
-    def body(result, xs):
-        chunk, norm = xs
-        chunk_grad = lambda p: grad_fn(p, chunk, *consts)  # noqa: E731
-        unit = chunk_grad(params)
+    """``Σ_k H_k v_k`` for ``low_memory``: chunk by chunk, ``g_k`` is recomputed (and shared with the primal
+    of its ``jax.jvp``), ``v_k`` formed from it and ``G`` (``U``), and ``H_k v_k`` added to the running sum."""
+    result = None
+    for k in range(norms.shape[0]):
+        current, chunk = _after(total if result is None else result, params, _chunk(chunks, k))
+        chunk_grad = lambda p, chunk=chunk: grad_fn(p, chunk, *consts)  # noqa: E731
+        unit = chunk_grad(current)
         if normalized:
-            unit = _scale(unit, 1.0 / norm)
-        direction = _direction(total, unit, norm, num_chunks, normalized)
-        return jax.tree.map(jnp.add, result, jax.jvp(chunk_grad, (params,), (direction,))[1]), None
-
-    return jax.lax.scan(body, jax.tree.map(jnp.zeros_like, params), (chunks, norms))[0]
+            unit = _scale(unit, 1.0 / norms[k])
+        direction = _direction(total, unit, norms[k], num_chunks, normalized)
+        product = jax.jvp(chunk_grad, (current,), (direction,))[1]
+        result = product if result is None else jax.tree.map(jnp.add, result, product)
+    return result
 
 
 def _collision_fwd(loss_fn, normalized, eps, hvp, low_memory, params, chunks, consts):
@@ -235,13 +255,13 @@ def gc_loss(
         no faster on CPU (``benchmarks/gc_step.py``). Under ``jax.jit`` XLA shares the recomputed
         gradient with the forward one, so both modes compile to the same temporary memory
         (``benchmarks/memory.py``).
-      low_memory: keep no chunk gradients between the forward and the backward pass: a ``lax.scan``
-        visits the chunks keeping only ``G`` (``U``) and the norms, and the backward pass recomputes each
-        ``g_k`` inside its HVP. Temporary memory falls from about ``2K+1`` parameter-sized buffers plus
-        every chunk's activations to about 3 plus one chunk's (``benchmarks/memory.py``: MLP 12.6 →
-        5.2 MiB, small CNN 131 → 32 MiB at batch 128, K = 4); the time rises by ``K`` chunk gradients
-        (MLP: 1.3-1.5x the default). On XLA:CPU, convolutions inside a loop body run about 30x slower
-        than unrolled, so keep the default for conv nets on CPU. ``hvp`` is ignored (always ``"jvp"``).
+      low_memory: keep no chunk gradients between the forward and the backward pass. The forward pass
+        visits the chunks one after another keeping only ``G`` (``U``) and the norms; the backward pass
+        recomputes each ``g_k`` inside its HVP. Temporary memory falls from about ``2K+1``
+        parameter-sized buffers plus every chunk's activations to about 3 plus one chunk's
+        (``benchmarks/memory.py``, K = 4: MLP 8.1x → 3.4x a plain step, small CNN 2.35x → 0.63x,
+        ResNet-18 2.63x → 0.92x); the time rises by ``K`` chunk gradients (1.2x the default for the
+        small CNN, 1.45-1.65x for the MLP). ``hvp`` is ignored (always ``"jvp"``).
 
     Returns:
       A scalar. ``jax.grad`` of it costs ``K`` chunk gradients plus ``K`` forward-over-reverse
@@ -287,7 +307,7 @@ def sharded_collision(
     ``retain_grad / N + λ · local_hvp``), so a sharded disposal step has exactly two parameter-size
     all-reduces. Gradients here are local: ``params`` is cast to device-varying before differentiating,
     so no implicit ``psum`` is inserted by ``jax.grad`` inside ``shard_map``. ``low_memory`` as in
-    ``gc_loss``: the local chunks are visited by a ``lax.scan`` and recomputed for their HVPs.
+    ``gc_loss``: the local chunks are visited one after another and recomputed for their HVPs.
     """
     devices = jax.lax.axis_size(axis_name)
     if num_chunks % devices:
