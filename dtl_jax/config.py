@@ -93,7 +93,7 @@ class DisposalConfig:
     selection: str = "last"  # which checked state to return: last | min_probe (lowest source probe accuracy)
     max_grad_norm: float = 1e6  # divergence bound on the gradient norm (before clipping)
     devices: int = 0  # devices to shard the disposal step over (0 = all); chunks are split between them
-    gc_low_memory: bool = False  # GC/NGC: recompute chunk gradients in a loop (~3 param-sized buffers, slower)
+    gc_low_memory: bool = False  # GC/NGC: recompute chunk gradients one at a time (~3 param-sized buffers, slower)
     optim: OptimConfig = OptimConfig(optimizer="sgd", learning_rate=0.01, clip_norm=1.0)
 
 
