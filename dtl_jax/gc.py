@@ -204,19 +204,19 @@ def _collision_fwd(loss_fn, normalized, eps, hvp, low_memory, params, chunks, co
 
 def _collision_bwd(loss_fn, normalized, eps, hvp, low_memory, residuals, cotangent):
     del eps
-    residual, chunks, consts, directions = residuals
+    residual, chunks, consts, saved = residuals  # saved: the directions v_k, or (G or U, norms) if low_memory
     grad_fn = jax.grad(loss_fn)
-    total = None
     if low_memory:
-        total_units, norms = directions
+        total_units, norms = saved
         total = _streamed_hvps(grad_fn, residual, chunks, consts, total_units, norms, norms.shape[0], normalized)
-        directions = []
-    for k, direction in enumerate(directions):
-        if hvp == "linearize":
-            product = residual[k](direction)
-        else:
-            product = _hvp(grad_fn, residual, _chunk(chunks, k), consts, direction)
-        total = product if total is None else jax.tree.map(jnp.add, total, product)
+    else:
+        total = None
+        for k, direction in enumerate(saved):
+            if hvp == "linearize":
+                product = residual[k](direction)
+            else:
+                product = _hvp(grad_fn, residual, _chunk(chunks, k), consts, direction)
+            total = product if total is None else jax.tree.map(jnp.add, total, product)
     params_ct = jax.tree.map(lambda h: (cotangent * h).astype(h.dtype), total)
     return params_ct, jax.tree.map(_zero_cotangent, chunks), jax.tree.map(_zero_cotangent, consts)
 
