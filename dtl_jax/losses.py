@@ -6,6 +6,9 @@ restricts the mean to the marked examples.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -72,3 +75,36 @@ def uniform_target_fooling(logits: jax.Array) -> jax.Array:
 def gradient_ascent(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """GA (§1.3): ``-CE`` on the true labels."""
     return -cross_entropy(logits, labels)
+
+
+@dataclasses.dataclass(frozen=True)
+class DisposalLoss:
+    """One unlearning loss of the disposal stage (METHODS.md §1.1, §1.3), on the source batch.
+
+    ``collision``: a GC-family loss computed from the chunk gradients (``dtl_jax.gc.gc_loss``),
+    ``normalized`` for NGC. Otherwise ``fooling(logits, labels)`` on the whole batch, where ``labels`` are
+    the true labels, or (``wrong_labels``) labels drawn uniformly from the other classes for the whole
+    global batch before it is split over devices (so the draw does not depend on the device count).
+    """
+
+    collision: bool = False
+    normalized: bool = False
+    fooling: Callable[[jax.Array, jax.Array], jax.Array] | None = None
+    wrong_labels: bool = False
+
+
+# The one list of disposal methods: config validation, the disposal step and the CLI read it.
+DISPOSAL_LOSSES: dict[str, DisposalLoss] = {
+    "gc": DisposalLoss(collision=True),
+    "ngc": DisposalLoss(collision=True, normalized=True),
+    "rtf": DisposalLoss(fooling=cross_entropy, wrong_labels=True),
+    "utf": DisposalLoss(fooling=lambda logits, labels: uniform_target_fooling(logits)),
+    "ga": DisposalLoss(fooling=gradient_ascent),
+}
+
+
+def disposal_loss(name: str) -> DisposalLoss:
+    """The disposal loss called ``name``; an unknown name is an error (never a silent fallback)."""
+    if name not in DISPOSAL_LOSSES:
+        raise ValueError(f"unknown disposal method {name!r}: expected one of {', '.join(DISPOSAL_LOSSES)}")
+    return DISPOSAL_LOSSES[name]

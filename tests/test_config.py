@@ -39,12 +39,12 @@ def test_bad_overrides(assignment, message):
 @pytest.mark.parametrize(
     ("assignment", "message"),
     [
-        ("disposal.num_chunks=1", "at least 2"),
+        ("disposal.num_chunks=1", "expected a number >= 2"),
         ("disposal.source_batch_size=81", "not divisible"),
         ("model.name=vit", "expected one of mlp, cnn, resnet18"),
         ("disposal.methods=gc,forget", "expected one of gc"),
         ("pretrain.optimizer=lbfgs", "expected one of sgd"),
-        ("data.piggyback_fraction=1.5", "fraction"),
+        ("data.piggyback_fraction=1.5", r"expected a number in \(0, 1\]"),
     ],
 )
 def test_validation(assignment, message):
@@ -56,3 +56,56 @@ def test_config_files_load_and_validate():
     for name in ("default", "digits", "cifar10_split", "paper_resnet18", "unlearn_cifar10", "unlearn_paper_resnet18"):
         assert isinstance(C.validate(C.load(name)), C.Config)
     assert C.load("default") == C.Config()
+
+
+def test_every_numeric_field_has_a_range_rule():
+    """Validation covers every numeric field: a new field without a rule in config.RULES fails here."""
+    missing = [
+        key
+        for key, value in C.fields(C.Config())
+        for item in (value if isinstance(value, tuple) else (value,))
+        if isinstance(item, int | float) and not isinstance(item, bool) and C.rule_for(key) is None
+    ]
+    assert missing == []
+    assert C.rule_for("piggyback.shots") is not None  # tuples of numbers are checked item by item
+
+
+@pytest.mark.parametrize(
+    ("assignment", "message"),
+    [
+        ("pretrain.learning_rate=nan", "pretrain.learning_rate=nan: expected a positive number"),
+        ("disposal.optim.learning_rate=inf", "disposal.optim.learning_rate=inf: expected a positive number"),
+        ("eval.batch_size=0", "eval.batch_size=0: expected a number >= 1"),
+        ("disposal.max_grad_norm=-1", "disposal.max_grad_norm=-1.0: expected a positive number"),
+        ("disposal.gc_lambda=-5", "disposal.gc_lambda=-5.0: expected a non-negative number"),
+        ("unlearn.forget_fraction=1", "unlearn.forget_fraction=1.0: expected a number in [0, 1)"),
+        ("piggyback.shots=5,0", "piggyback.shots=0"),
+        ("seed=-1", "seed=-1"),
+        ("data.val_fraction=0", "needs a validation split but data.val_fraction=0"),
+        ("unlearn.methods=retrain,nope", "unlearn.methods='nope': expected one of retrain"),
+        ("disposal.methods=", "expected at least one of gc"),
+    ],
+)
+def test_numeric_fields_are_finite_and_in_range(assignment, message):
+    with pytest.raises(UserError) as err:
+        C.validate(C.apply_overrides(C.Config(), [assignment]))
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_no_selection_on_test_data_without_a_validation_split():
+    base = C.apply_overrides(C.Config(), ["data.val_fraction=0"])
+    with pytest.raises(UserError, match="disposal.selection=min_probe needs a validation split"):
+        C.validate(base)
+    with pytest.raises(UserError, match="disposal.max_target_drop=0.03 .* needs a validation split"):
+        C.validate(C.apply_overrides(base, ["disposal.selection=last"]))
+    # Neither rule on: allowed (the disposal returns its last state and reads no held-out data).
+    C.validate(C.apply_overrides(base, ["disposal.selection=last", "disposal.max_target_drop=1"]))
+
+
+def test_named_configs_are_the_shipped_files():
+    from pathlib import Path
+
+    shipped = sorted(p.stem for p in (Path(__file__).parent.parent / "configs").glob("*.py") if p.stem != "__init__")
+    assert sorted(C.named_configs()) == shipped
+    with pytest.raises(UserError, match="not found: expected a .py file with get_config\\(\\) or one of"):
+        C.load("no_such_config")

@@ -38,9 +38,68 @@ VALUES = st.one_of(
 @given(st.lists(st.tuples(st.sampled_from(KEYS), VALUES), min_size=1, max_size=4))
 def test_any_override_validates_or_fails_with_one_line(assignments):
     try:
-        C.validate(C.apply_overrides(C.Config(), [f"{k}={v}" for k, v in assignments]))
+        config = C.validate(C.apply_overrides(C.Config(), [f"{k}={v}" for k, v in assignments]))
     except UserError as err:
         assert str(err) and "\n" not in str(err)
+        return
+    # What validation lets through is finite and inside its documented range, field by field.
+    for key, value in C.fields(config):
+        for item in value if isinstance(value, tuple) else (value,):
+            if isinstance(item, int | float) and not isinstance(item, bool):
+                assert C.rule_for(key).contains(item), (key, item)
+
+
+def _small(config: C.Config) -> C.Config:
+    """The same config with every budget cut to a smoke run's (validity kept): a step or an epoch each."""
+    r = dataclasses.replace
+    d = config.disposal
+    chunks = min(d.num_chunks, 5)  # K HVPs are unrolled: a huge K is valid but compiles for long
+    per_chunk = max(1, min(d.source_batch_size // d.num_chunks, 4))
+    optim = lambda o: r(o, epochs=min(o.epochs, 1), batch_size=min(o.batch_size, 32))  # noqa: E731
+    return r(
+        config,
+        pretrain=optim(config.pretrain),
+        transfer=optim(config.transfer),
+        piggyback=r(optim(config.piggyback), shots=tuple(min(s, 3) for s in config.piggyback.shots)[:2], repeats=1),
+        disposal=r(
+            d,
+            steps=min(d.steps, 2),
+            eval_every=1,
+            num_chunks=chunks,
+            source_batch_size=per_chunk * chunks,
+            optim=optim(d.optim),
+        ),
+        model=r(config.model, widths=tuple(min(w, 8) for w in config.model.widths)[:4]),
+        data=r(config.data, image_size=min(config.data.image_size, 8)),
+        eval=r(config.eval, batch_size=min(config.eval.batch_size, 256)),
+        checkpoint_every=0,
+        compilation_cache="off",
+    )
+
+
+DTL_KEYS = [k for k in KEYS if not k.startswith("unlearn.")]
+
+
+@pytest.mark.slow
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.sampled_from(DTL_KEYS), VALUES), min_size=1, max_size=3))
+def test_any_override_fails_with_one_line_or_passes_a_smoke_run(tmp_path_factory, assignments):
+    from conftest import tiny_config
+
+    from dtl_jax import dtl
+
+    try:
+        config = C.validate(C.apply_overrides(tiny_config(), [f"{k}={v}" for k, v in assignments]))
+        config = _small(
+            dataclasses.replace(
+                config, disposal=dataclasses.replace(config.disposal, methods=config.disposal.methods[:1])
+            )
+        )
+        results = dtl.run(config, tmp_path_factory.mktemp("smoke"), quiet=True)
+    except UserError as err:
+        assert str(err) and "\n" not in str(err)
+        return
+    assert set(results["models"]) == {"random_init", "tl", *config.disposal.methods}
 
 
 def _image_bytes(kind: str, size: int, seed: int) -> bytes:
