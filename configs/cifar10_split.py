@@ -24,12 +24,11 @@ def get_config() -> Config:
             base.data,
             source=TaskConfig(dataset=dataset, root=root, classes=(0, 1, 2, 3, 4)),
             target=TaskConfig(dataset=dataset, root=root, classes=(5, 6, 7, 8, 9)),
-            piggyback_per_class=0,
             piggyback_fraction=0.1,
             image_size=16,
         ),
         pretrain=dataclasses.replace(base.pretrain, epochs=20, batch_size=128),
         transfer=dataclasses.replace(base.transfer, epochs=10, batch_size=128),
         disposal=dataclasses.replace(base.disposal, steps=300),
-        piggyback=dataclasses.replace(base.piggyback, epochs=30),
+        piggyback=dataclasses.replace(base.piggyback, epochs=30, shots=(), repeats=1),
     )

@@ -5,7 +5,7 @@ Digits leaves piggyback learning no headroom (shared notes): use it to check the
 
 import dataclasses
 
-from dtl_jax.config import Config, DataConfig, ModelConfig, OptimConfig, TaskConfig
+from dtl_jax.config import Config, DataConfig, ModelConfig, OptimConfig, PiggybackConfig, TaskConfig
 
 
 def get_config() -> Config:
@@ -16,7 +16,6 @@ def get_config() -> Config:
         data=DataConfig(
             source=TaskConfig(dataset="digits", classes=(0, 1, 2, 3, 4)),
             target=TaskConfig(dataset="digits", classes=(5, 6, 7, 8, 9)),
-            piggyback_per_class=5,
             image_size=0,
             channels=1,
             flip=False,
@@ -27,5 +26,5 @@ def get_config() -> Config:
         disposal=dataclasses.replace(
             base.disposal, steps=20, eval_every=10, source_batch_size=50, num_chunks=5, gc_lambda=0.01
         ),
-        piggyback=OptimConfig(optimizer="sgd", learning_rate=0.01, epochs=5, batch_size=25),
+        piggyback=PiggybackConfig(optimizer="sgd", learning_rate=0.01, epochs=5, batch_size=25, shots=(5,), repeats=2),
     )

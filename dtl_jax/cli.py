@@ -37,11 +37,18 @@ def _experiment_args(parser, example: str, default_workdir: str, metavar: str = 
                         help=f"override a config key, e.g. --set {example} (repeatable)")  # fmt: skip
     parser.add_argument("--workdir", default=None, help=f"checkpoints and results go here (default: {default_workdir})")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    seeds = parser.add_mutually_exclusive_group()
+    seeds.add_argument("--seed", type=int, default=None, help="one seed (the same as --set seed=N)")
+    seeds.add_argument(
+        "--seeds", default=None, metavar="SPEC",
+        help="several seeds in one process, e.g. 0-4 or 0,3,7: WORKDIR/seed-<s>/ each, and WORKDIR/summary.json "
+        "with means, 95%% intervals and paired differences",
+    )  # fmt: skip
     if overwrite:
         parser.add_argument("--overwrite", action="store_true", help="reuse a workdir made with another config")
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(methods: str = "see `dtl-jax unlearn --help`") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dtl-jax", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     raw = argparse.RawDescriptionHelpFormatter
@@ -64,15 +71,14 @@ def _parser() -> argparse.ArgumentParser:
         "unlearn",
         help="selective unlearning: SURE against the baselines, one table",
         description="Train (or reuse) the original model, unlearn a forget set with every method, print the table.",
-        epilog=UNLEARN_EPILOG,
+        epilog=UNLEARN_EPILOG.format(methods=methods),
         formatter_class=raw,
     )
     _experiment_args(unlearn, "unlearn.sure_alpha=0.5", "runs/unlearn")
     unlearn.add_argument("--scenario", choices=("random", "partial_class", "full_class"), default=None)
-    unlearn.add_argument("--methods", default=None, help="comma list, e.g. sure,scrub (default: all nine)")
+    unlearn.add_argument("--methods", default=None, help="comma list, e.g. sure,scrub (default: every method)")
     unlearn.add_argument("--forget-fraction", type=float, default=None, help="fraction of the data (random) or class")
     unlearn.add_argument("--forget-class", type=int, default=None, help="the class to forget (class scenarios)")
-    unlearn.add_argument("--seed", type=int, default=None)
 
     sweep = sub.add_parser(
         "sweep",
@@ -89,6 +95,34 @@ def _parser() -> argparse.ArgumentParser:
         description="Write PNG plots and report.html (images embedded) from WORKDIR/results.json.",
     )
     report.add_argument("workdir", help="a workdir of `dtl-jax run` or `dtl-jax unlearn`")
+
+    data = sub.add_parser(
+        "data",
+        help="tfds datasets: prepare them once (needs network and the [datasets] extra), list what configs need",
+        description="Prepare tfds datasets in the array_record format that runs read without TensorFlow, "
+        "or list what each shipped config reads and whether it is there.",
+    )
+    data_sub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    data_prepare = data_sub.add_parser(
+        "prepare",
+        help="download and prepare tfds datasets once (pip install -e '.[datasets]')",
+        description="Download (or take from the manual dir) and prepare tfds datasets in array_record.",
+        epilog="example (then run with --set data.tfds_dir=/shared/tfds):\n"
+        "  dtl-jax data prepare cifar100 stl10 --data-dir /shared/tfds",
+        formatter_class=raw,
+    )
+    data_prepare.add_argument("names", nargs="+", metavar="NAME", help="cifar10, cifar100, svhn_cropped, stl10, ...")
+    data_prepare.add_argument(
+        "--data-dir", default="", help="tfds data dir (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)"
+    )
+    data_prepare.add_argument(
+        "--manual-dir", default="", help="archives downloaded by hand (default: DATA_DIR/downloads/manual)"
+    )
+    data_prepare.add_argument("--quiet", action="store_true", help="no progress bars")
+    data_list = data_sub.add_parser("list", help="what each shipped config reads, where from, whether it is there")
+    data_list.add_argument(
+        "--data-dir", default=None, help="tfds data dir to look in (default: each config's data.tfds_dir)"
+    )
     return parser
 
 
@@ -97,13 +131,41 @@ examples:
   dtl-jax unlearn                                       # embedded CIFAR-10 subset, partial-class scenario
   dtl-jax unlearn --scenario random --forget-fraction 0.1 --methods retrain,ft,sure
   dtl-jax unlearn --scenario full_class --forget-class 3 --seed 1
+  dtl-jax unlearn --seeds 0-4                           # means with 95% intervals over 5 seeds
 
-Methods: retrain (oracle), ft, ga, rl, l1_sparse, salun, scrub, boundary_shrink, sure. Columns: UA = 1 -
+Methods (dtl_jax/unlearn/methods/, one file each): {methods}. Columns: UA = 1 -
 forget accuracy, RA = retain accuracy, TA = test accuracy, MIA-efficacy (SVM on confidences, fraction of
 the forget set called non-member), representation MIA (kNN on features, fraction called member), loss-
 threshold MIA accuracy, gap to Retrain, RT = unlearning seconds without compilation, RRT = RT / Retrain's.
 Results: WORKDIR/results.json.
 """
+
+
+def _method_names() -> str:
+    from dtl_jax.unlearn.registry import method_names
+
+    return ", ".join(method_names())
+
+
+def parse_seeds(spec: str) -> list[int]:
+    """``"0-4"`` → [0, 1, 2, 3, 4]; ``"0,3,7"``; ``"0-2,5"``. A bad spec is a one-line ``UserError``."""
+    from dtl_jax.config import UserError
+
+    seeds: list[int] = []
+    try:
+        for part in spec.split(","):
+            low, dash, high = part.strip().partition("-")
+            first, last = int(low), int(high) if dash else int(low)
+            if first < 0 or last < first:
+                raise ValueError
+            seeds += [s for s in range(first, last + 1) if s not in seeds]
+    except ValueError:
+        raise UserError(f"--seeds {spec!r}: expected non-negative seeds like 0-4 or 0,3,7") from None
+    return seeds
+
+
+def _seed_overrides(args) -> list[str]:
+    return [f"seed={args.seed}"] if args.seed is not None else []
 
 
 def _unlearn_overrides(args) -> list[str]:
@@ -113,20 +175,21 @@ def _unlearn_overrides(args) -> list[str]:
     if args.methods is not None:
         out.append(f"unlearn.methods={args.methods}")
     if args.forget_fraction is not None:
-        if not 0.0 < args.forget_fraction < 1.0:
-            from dtl_jax.config import UserError
+        from dtl_jax.config import OPEN_FRACTION, check_value
 
-            raise UserError(f"--forget-fraction {args.forget_fraction}: expected a fraction in (0, 1)")
+        check_value("--forget-fraction", args.forget_fraction, OPEN_FRACTION)  # 0 would mean "the default"
         out.append(f"unlearn.forget_fraction={args.forget_fraction}")
     if args.forget_class is not None:
         out.append(f"unlearn.forget_class={args.forget_class}")
-    if args.seed is not None:
-        out.append(f"seed={args.seed}")
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
+    if argv is None:
+        argv = sys.argv[1:]
+    if "unlearn" in argv and ("-h" in argv or "--help" in argv):  # the method list comes from the registry
+        parser = _parser(methods=_method_names())
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
@@ -141,30 +204,45 @@ def main(argv: list[str] | None = None) -> int:
 
             print(write_report(args.workdir))
             return 0
+        if args.command == "data":
+            from dtl_jax.data import prepare as data_prep
+
+            if args.data_command == "list":
+                print(data_prep.list_table(args.data_dir))
+            for name in args.names if args.data_command == "prepare" else ():
+                status = data_prep.prepare(name, args.data_dir, args.manual_dir, quiet=args.quiet)
+                print(f"{name}: {status.state} in {status.path}")
+            return 0
         config = config_lib.load(args.config)
+        seeds = parse_seeds(args.seeds) if args.seeds is not None else None
         if args.command == "sweep":
             from dtl_jax import sweep
 
+            config = config_lib.apply_overrides(config, _seed_overrides(args))
             workdir = args.workdir or os.path.join(os.path.dirname(config.workdir) or ".", "sweep")
-            summary = sweep.run(config, args.overrides, workdir, quiet=args.quiet)
+            summary = sweep.run(config, args.overrides, workdir, quiet=args.quiet, seeds=seeds)
             print(sweep.format_table(summary))
             print(f"\nsweep: {os.path.join(workdir, 'sweep.json')}, {os.path.join(workdir, 'sweep.png')}")
             return 0
         if args.command == "unlearn":
-            overrides = _unlearn_overrides(args) + args.overrides
+            overrides = _seed_overrides(args) + _unlearn_overrides(args) + args.overrides
             config = config_lib.validate(config_lib.apply_overrides(config, overrides))
             from dtl_jax.unlearn import runner as module
 
             workdir = args.workdir or os.path.join(os.path.dirname(config.workdir) or ".", "unlearn")
         else:
-            config = config_lib.validate(config_lib.apply_overrides(config, args.overrides))
+            overrides = _seed_overrides(args) + args.overrides
+            config = config_lib.validate(config_lib.apply_overrides(config, overrides))
             from dtl_jax.train.mesh import initialize_distributed
 
             initialize_distributed(args.coordinator, args.num_processes, args.process_id)
             from dtl_jax import dtl as module
 
             workdir = args.workdir or config.workdir
-        results = module.run(config, workdir, quiet=args.quiet, overwrite=args.overwrite)
+        if seeds is None:
+            results = module.run(config, workdir, quiet=args.quiet, overwrite=args.overwrite)
+        else:
+            results = module.run_seeds(config, seeds, workdir, quiet=args.quiet, overwrite=args.overwrite)
         import jax
 
         if jax.process_index() != 0:  # in a multi-process job, process 0 reports
@@ -179,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
         print("dtl-jax: interrupted; finished stages are checkpointed and will be reused", file=sys.stderr)
         return 130
     print(module.format_table(results))
-    print(f"\nresults: {os.path.join(workdir, 'results.json')}  ({results['seconds']:.0f} s); report: {page}")
+    written = "summary.json" if seeds is not None else "results.json"
+    print(f"\nresults: {os.path.join(workdir, written)}  ({results['seconds']:.0f} s); report: {page}")
     return 0
 
 

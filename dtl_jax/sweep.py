@@ -16,7 +16,7 @@ import typing
 from pathlib import Path
 
 from dtl_jax import config as config_lib
-from dtl_jax import dtl
+from dtl_jax import dtl, stages
 from dtl_jax.config import Config, UserError
 from dtl_jax.workdir import write_json
 
@@ -44,7 +44,14 @@ def grid(config: Config, assignments: list[str]) -> tuple[list[str], list[tuple[
     return fixed, swept
 
 
-def run(config: Config, assignments: list[str], workdir, *, quiet: bool = False) -> dict:
+METRICS = ("target_acc", "source_acc", "pl_acc", "mia_acc")
+
+
+def run(
+    config: Config, assignments: list[str], workdir, *, quiet: bool = False, seeds: list[int] | None = None
+) -> dict:
+    """Runs every point of the grid (each over ``seeds`` when given: then a point's metrics are means
+    over the seeds, with their 95 % intervals in ``ci95``); writes and returns ``sweep.json``."""
     fixed, swept = grid(config, assignments)
     if not swept:
         raise UserError("sweep: no key to sweep: give one as --set key=v1,v2,... (e.g. disposal.gc_lambda=0.01,0.1,1)")
@@ -54,17 +61,25 @@ def run(config: Config, assignments: list[str], workdir, *, quiet: bool = False)
     combos = list(itertools.product(*[values for _, values in swept]))
     for combo in combos:  # validate every point before running any
         config_lib.validate(config_lib.apply_overrides(base, [f"{k}={v}" for (k, _), v in zip(swept, combo)]))
+    compiled = stages.Compiled()  # every point and seed shares the compiled steps
     for combo in combos:
         overrides = [f"{k}={v}" for (k, _), v in zip(swept, combo)]
         point_config = config_lib.apply_overrides(base, overrides)
-        results = dtl.run(point_config, workdir, quiet=quiet, overwrite=True)
         name = "_".join(f"{k}={v}" for (k, _), v in zip(swept, combo)).replace("/", "-")
         (workdir / "points" / name).mkdir(parents=True, exist_ok=True)
-        shutil.copy(workdir / "results.json", workdir / "points" / name / "results.json")
-        models = {m: {k: row[k] for k in ("target_acc", "source_acc", "pl_acc", "mia_acc")}
-                  for m, row in results["models"].items()}  # fmt: skip
-        points.append({"values": dict(zip([k for k, _ in swept], combo)), "models": models})
-    summary = {"swept": [k for k, _ in swept], "fixed": fixed, "points": points}
+        point = {"values": dict(zip([k for k, _ in swept], combo))}
+        if seeds is None:
+            results = dtl.run(point_config, workdir, quiet=quiet, overwrite=True, compiled=compiled)
+            shutil.copy(workdir / "results.json", workdir / "points" / name / "results.json")
+            point["models"] = {m: {k: row[k] for k in METRICS} for m, row in results["models"].items()}
+        else:
+            summary = dtl.run_seeds(point_config, seeds, workdir, quiet=quiet, overwrite=True, compiled=compiled)
+            shutil.copy(workdir / "summary.json", workdir / "points" / name / "summary.json")
+            rows = summary["rows"]
+            point["models"] = {m: {k: row[k]["mean"] for k in METRICS} for m, row in rows.items()}
+            point["ci95"] = {m: {k: row[k]["ci95"] for k in METRICS} for m, row in rows.items()}
+        points.append(point)
+    summary = {"swept": [k for k, _ in swept], "fixed": fixed, "seeds": seeds, "points": points}
     write_json(workdir / "sweep.json", summary)
     plot(summary, workdir / "sweep.png")
     return summary
@@ -83,7 +98,9 @@ def plot(summary: dict, path: Path) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.0), sharex=True)
     for ax, metric in zip(axes, ("target_acc", "pl_acc")):
         for method in methods:
-            ax.plot(numeric, [p["models"][method][metric] for p in summary["points"]], "o-", label=method)
+            ys = [p["models"][method][metric] for p in summary["points"]]
+            errors = [p["ci95"][method][metric] for p in summary["points"]] if "ci95" in summary["points"][0] else None
+            ax.errorbar(numeric, ys, yerr=errors, fmt="o-", capsize=3, label=method)
         for ref, style in (("tl", "--"), ("random_init", ":")):
             ax.axhline(summary["points"][0]["models"][ref][metric], linestyle=style, color="gray", label=ref)
         ax.set(xlabel=key, ylabel=metric, title=f"{metric} against {key}")

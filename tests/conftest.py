@@ -7,7 +7,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import pytest  # noqa: E402
 
-from dtl_jax.config import Config, DataConfig, ModelConfig, OptimConfig, TaskConfig  # noqa: E402
+from dtl_jax.config import Config, DataConfig, ModelConfig, OptimConfig, PiggybackConfig, TaskConfig  # noqa: E402
 
 
 def tiny_config(**changes) -> Config:
@@ -18,7 +18,6 @@ def tiny_config(**changes) -> Config:
         data=DataConfig(
             source=TaskConfig(dataset="digits", classes=(0, 1, 2, 3)),
             target=TaskConfig(dataset="digits", classes=(5, 6, 7, 8)),
-            piggyback_per_class=4,
             image_size=0,
             channels=1,
             flip=False,
@@ -29,7 +28,7 @@ def tiny_config(**changes) -> Config:
         disposal=dataclasses.replace(
             base.disposal, steps=6, eval_every=3, source_batch_size=32, num_chunks=4, gc_lambda=0.01
         ),
-        piggyback=OptimConfig(optimizer="sgd", learning_rate=0.01, epochs=2, batch_size=8),
+        piggyback=PiggybackConfig(optimizer="sgd", learning_rate=0.01, epochs=2, batch_size=8, shots=(4,), repeats=1),
     )
     return dataclasses.replace(config, **changes)
 

@@ -12,7 +12,7 @@ import pytest
 from conftest import tiny_config
 from PIL import Image
 
-from dtl_jax import cli, dtl
+from dtl_jax import cli, dtl, stages
 from dtl_jax.config import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,7 +38,9 @@ TINY = [
     "--set",
     "piggyback.epochs=1",
     "--set",
-    "data.piggyback_per_class=2",
+    "piggyback.shots=2",
+    "--set",
+    "piggyback.repeats=1",
     "--quiet",
 ]
 
@@ -59,7 +61,7 @@ def _error_line(capsys, argv) -> str:
         (["model.name=vit"], "model.name='vit'"),
         (["disposal.methods=gc,forget"], "disposal.methods='forget'"),
         (["disposal.source_batch_size=50", "disposal.num_chunks=3"], "not divisible by disposal.num_chunks=3"),
-        (["disposal.num_chunks=1"], "disposal.num_chunks=1: expected at least 2"),
+        (["disposal.num_chunks=1"], "disposal.num_chunks=1: expected a number >= 2"),
         (["data.source.classes=0,1,12"], "[12] outside the 10 classes"),
         (["disposal.num_chunks=8", "disposal.source_batch_size=80"], "needs at least as many source classes"),
     ],
@@ -137,15 +139,15 @@ def test_pipeline_end_to_end_and_stage_reuse(tmp_path, monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError(f"stage re-ran: {kwargs.get('desc')}")
 
-    monkeypatch.setattr(dtl, "run_steps", no_training)
+    monkeypatch.setattr(stages, "run_steps", no_training)
     again = dtl.run(config, tmp_path, quiet=True)
     assert again["models"] == results["models"]
 
     # Changing λ re-runs disposal (and PL of the disposed models) but reuses pre-training and transfer.
     ran = []
     monkeypatch.undo()
-    original = dtl.run_steps
-    monkeypatch.setattr(dtl, "run_steps", lambda *a, **k: (ran.append(k["desc"]), original(*a, **k))[1])
+    original = stages.run_steps
+    monkeypatch.setattr(stages, "run_steps", lambda *a, **k: (ran.append(k["desc"]), original(*a, **k))[1])
     changed = tiny_config(
         disposal=tiny_config().disposal.__class__(
             **{**tiny_config().disposal.__dict__, "gc_lambda": 0.5, "methods": ("gc",)}
@@ -155,7 +157,8 @@ def test_pipeline_end_to_end_and_stage_reuse(tmp_path, monkeypatch):
         dtl.run(changed, tmp_path, quiet=True)
     dtl.run(changed, tmp_path, quiet=True, overwrite=True)
     assert "pretrain" not in ran and "transfer" not in ran
-    assert "disposal gc" in ran and "piggyback gc" in ran and "piggyback tl" not in ran
+    assert "disposal gc" in ran and "piggyback gc 4-shot #0" in ran
+    assert not any(desc.startswith(("piggyback tl", "piggyback random_init", "disposal rtf")) for desc in ran)
 
 
 def test_divergence_is_caught_recorded_and_metrics_stay_finite(tmp_path):
@@ -169,7 +172,8 @@ def test_divergence_is_caught_recorded_and_metrics_stay_finite(tmp_path):
     for method in ("gc", "ga"):
         record = results["disposal"][method]
         assert record["diverged"] is True and record["halted_at"] is not None
-        assert results["stages"][f"disposal {method}"] == {"diverged": True, "halted_at": record["halted_at"]}
+        stage = results["stages"][f"disposal {method}"]
+        assert stage["diverged"] is True and stage["halted_at"] == record["halted_at"]
         row = results["models"][method]
         assert all(np.isfinite(row[k]) for k in ("target_acc", "source_acc", "pl_acc", "mia_acc"))
     assert results["stages"]["pretrain"]["diverged"] is False

@@ -1,6 +1,5 @@
 """Data sources (image folder, tfds under mock data, embedded), tasks and batch formation."""
 
-import dataclasses
 
 import numpy as np
 import pytest
@@ -82,15 +81,19 @@ def test_task_errors():
 
 
 def test_piggyback_subset_is_balanced_and_seeded():
-    data = DataConfig(image_size=0, channels=1, piggyback_per_class=3, source=TaskConfig(dataset="digits"))
+    data = DataConfig(image_size=0, channels=1, source=TaskConfig(dataset="digits"))
     source = tasks.make_task("source", TaskConfig(dataset="digits", classes=(0, 1, 2)), data, 0)
-    a = tasks.piggyback_task(source, data, seed=0)
-    b = tasks.piggyback_task(source, data, seed=0)
+    attacker = tasks.attacker_task(source, data, seed=0)
+    assert attacker is source  # protocol (a): the source task itself
+    a = tasks.few_shot_task(attacker, 3, seed=0)
+    b = tasks.few_shot_task(attacker, 3, seed=0)
+    c = tasks.few_shot_task(attacker, 3, seed=1)
     np.testing.assert_array_equal(np.bincount(a.train.labels), [3, 3, 3])
     np.testing.assert_array_equal(a.train.images, b.train.images)
+    assert not np.array_equal(a.train.images, c.train.images)
     assert a.test is source.test
-    frac = tasks.piggyback_task(source, dataclasses.replace(data, piggyback_per_class=0, piggyback_fraction=0.1), 0)
-    assert len(frac.train) == 3 * round(0.1 * np.bincount(source.train.labels).min())
+    assert tasks.budgets(source, (5, 10), 0.1) == (5, 10)
+    assert tasks.budgets(source, (), 0.1) == (round(0.1 * np.bincount(source.train.labels).min()),)
 
 
 def test_class_chunked_batches_put_one_class_in_each_chunk():

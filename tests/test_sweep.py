@@ -1,14 +1,15 @@
 import json
 
+import pytest
 from conftest import tiny_config
 
-from dtl_jax import dtl, sweep
+from dtl_jax import stages, sweep
 
 
 def test_sweep_runs_the_grid_and_reuses_pretraining(tmp_path, monkeypatch):
     ran = []
-    original = dtl.run_steps
-    monkeypatch.setattr(dtl, "run_steps", lambda *a, **k: (ran.append(k["desc"]), original(*a, **k))[1])
+    original = stages.run_steps
+    monkeypatch.setattr(stages, "run_steps", lambda *a, **k: (ran.append(k["desc"]), original(*a, **k))[1])
     summary = sweep.run(
         tiny_config(), ["disposal.gc_lambda=0.001,0.5", "disposal.methods=gc", "data.source.classes=0,1,2,3"], tmp_path,
         quiet=True,
@@ -23,3 +24,15 @@ def test_sweep_runs_the_grid_and_reuses_pretraining(tmp_path, monkeypatch):
         assert (tmp_path / "points" / point / "results.json").is_file()
     assert (tmp_path / "sweep.png").stat().st_size > 1000
     assert "disposal.gc_lambda" in sweep.format_table(summary)
+
+
+@pytest.mark.slow
+def test_sweep_over_seeds_gives_intervals(tmp_path):
+    summary = sweep.run(
+        tiny_config(), ["disposal.gc_lambda=0.001,0.5", "disposal.methods=gc"], tmp_path, quiet=True, seeds=[0, 1]
+    )
+    assert summary["seeds"] == [0, 1]
+    for point in summary["points"]:
+        assert set(point["ci95"]) == set(point["models"]) and point["ci95"]["gc"]["pl_acc"] >= 0
+    assert (tmp_path / "points" / "disposal.gc_lambda=0.5" / "summary.json").is_file()
+    assert (tmp_path / "seed-1" / "results.json").is_file()

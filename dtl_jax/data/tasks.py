@@ -95,11 +95,22 @@ def make_task(name: str, task: TaskConfig, data: DataConfig, seed: int) -> Task:
     return Task(name, train, val, test, tuple(dataset.class_names[c] for c in classes))
 
 
-def piggyback_task(source: Task, data: DataConfig, seed: int) -> Task:
-    """The attacker's task (METHODS.md §1, stage 4): a class-balanced few-shot subset of the source
-    training data tested on the source test set, or of a new downstream task when one is configured."""
-    base = source if not data.piggyback.dataset else make_task("piggyback", data.piggyback, data, seed + 2)
-    counts = np.bincount(base.train.labels, minlength=base.num_classes)
-    per_class = data.piggyback_per_class or max(1, int(round(data.piggyback_fraction * counts.min())))
-    train = balanced_subset(base.train, per_class, seed + 3)
-    return Task("piggyback", train, base.val, base.test, base.class_names)
+def attacker_task(source: Task, data: DataConfig, seed: int) -> Task:
+    """The task the attacker piggybacks on (METHODS.md §1, stage 4): the source task itself (protocol
+    (a): few-shot subsets of its training data, tested on its test set), or a new downstream task when
+    ``data.piggyback.dataset`` is set (protocol (b)); ``seed`` draws that task's validation split."""
+    return source if not data.piggyback.dataset else make_task("piggyback", data.piggyback, data, seed)
+
+
+def budgets(task: Task, shots: tuple[int, ...], fraction: float) -> tuple[int, ...]:
+    """The attacker's budgets in labelled examples a class: ``shots``, or (``shots=()``) one budget of
+    ``fraction`` of the smallest class."""
+    if shots:
+        return tuple(shots)
+    counts = np.bincount(task.train.labels, minlength=task.num_classes)
+    return (max(1, int(round(fraction * counts.min()))),)
+
+
+def few_shot_task(task: Task, per_class: int, seed: int) -> Task:
+    """``task`` with its training split cut to a class-balanced draw of ``per_class`` examples a class."""
+    return Task("piggyback", balanced_subset(task.train, per_class, seed), task.val, task.test, task.class_names)

@@ -15,8 +15,10 @@ import pkgutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import jax
 import numpy as np
 
+from dtl_jax import seeds
 from dtl_jax.checkpoint import Progress
 from dtl_jax.config import Config, OptimConfig
 from dtl_jax.data import pipeline
@@ -43,11 +45,22 @@ def register(name: str) -> Callable:
 
 
 def load_methods() -> dict[str, Callable]:
+    """Imports every module of ``dtl_jax/unlearn/methods/`` (each registers its methods) and returns the
+    registry: the one list of unlearning methods, which config validation, the CLI and the runner read."""
     from dtl_jax.unlearn import methods
 
-    for info in pkgutil.iter_modules(methods.__path__):
+    for info in sorted(pkgutil.iter_modules(methods.__path__), key=lambda m: m.name):
         importlib.import_module(f"{methods.__name__}.{info.name}")
     return METHODS
+
+
+ORACLE = "retrain"  # the reference every other method is compared with; listed first
+
+
+def method_names() -> tuple[str, ...]:
+    """Every registered method's name, the oracle (Retrain) first, then in registration order."""
+    names = tuple(load_methods())
+    return tuple(sorted(names, key=lambda name: name != ORACLE))
 
 
 @dataclasses.dataclass
@@ -66,15 +79,29 @@ class Context:
     def u(self):
         return self.config.unlearn
 
-    def batches(self, split: ImageSplit, batch_size: int | None = None, seed: int = 0, flip: bool | None = None):
+    def stream(self, purpose: str, *index: int) -> int:
+        """The seed of the run's ``unlearn-<purpose>`` stream (``dtl_jax.seeds``); ``index`` e.g. a
+        method's stream number."""
+        return seeds.derive(self.seed, f"unlearn-{purpose}", *index)
+
+    def key(self, purpose: str, *index: int) -> jax.Array:
+        """A JAX PRNG key on the run's ``unlearn-<purpose>`` stream (e.g. Retrain's initialisation)."""
+        return jax.random.PRNGKey(self.stream(purpose, *index))
+
+    def batches(
+        self, split: ImageSplit, batch_size: int | None = None, seed: int = 0, flip: bool | None = None,
+        drop_last: bool = True,
+    ):  # fmt: skip
+        """Endless shuffled epochs of ``split`` (``pipeline.shuffled_batches``). ``drop_last=False`` keeps
+        the last partial batch, so that every example is visited once an epoch (the baselines' references)."""
         d = self.config.data
         return pipeline.shuffled_batches(
-            split, batch_size or self.u.optim.batch_size, self.seed + seed, mean=d.mean, std=d.std,
-            flip=d.flip if flip is None else flip,
+            split, batch_size or self.u.optim.batch_size, self.stream("batches", seed), mean=d.mean, std=d.std,
+            flip=d.flip if flip is None else flip, drop_last=drop_last,
         )  # fmt: skip
 
-    def steps_per_epoch(self, split: ImageSplit, batch_size: int | None = None) -> int:
-        return pipeline.steps_per_epoch(split, batch_size or self.u.optim.batch_size)
+    def steps_per_epoch(self, split: ImageSplit, batch_size: int | None = None, drop_last: bool = True) -> int:
+        return pipeline.steps_per_epoch(split, batch_size or self.u.optim.batch_size, drop_last)
 
     def optimizer(self, total_steps: int, learning_rate: float | None = None, optim: OptimConfig | None = None):
         optim = optim or self.u.optim
@@ -84,8 +111,22 @@ class Context:
 
     def train(self, step, variables: dict, tx, inputs: Iterator[tuple], num_steps: int, desc: str) -> dict:
         """Runs ``step`` (a ``steps.custom_step`` or ``steps.supervised_step``) ``num_steps`` times from
-        ``variables`` through the shared loop; returns the final variables."""
-        state = steps.init_state(variables, tx, self.seed + 7)
+        ``variables`` with a fresh optimiser state through the shared loop; returns the final variables."""
+        state = self.run(step, self.init_state(variables, tx), inputs, num_steps, desc)
+        return steps.variables_of(state)
+
+    def init_state(self, variables: dict, tx) -> dict:
+        """A fresh train state (parameters, BatchNorm statistics, ``tx``'s optimiser state) for ``run``."""
+        return steps.init_state(variables, tx, self.stream("rng"))
+
+    def run(self, step, state: dict, inputs: Iterator[tuple], num_steps: int, desc: str) -> dict:
+        """Like ``train`` but from and to a whole train state, so that phases built on the same ``tx``
+        share one optimiser (momentum, schedule count, halted flag carry over; SCRUB's max/min phases).
+        A state the divergence guard already halted is returned as it is."""
+        if bool(np.asarray(state["halted"])):
+            self.history.append({"desc": desc, "steps": 0, "halted_at": int(np.asarray(state["halted_at"])),
+                                 "last_loss": None})  # fmt: skip
+            return state
         progress = None
         if self.progress_root is not None and self.config.checkpoint_every:
             progress = Progress(self.progress_root / desc.replace(" ", "-"), self.config.checkpoint_every)
@@ -96,11 +137,11 @@ class Context:
             progress.close()
         self.history.append({"desc": desc, "steps": len(history), "halted_at": halted_at,
                              "last_loss": history[-1]["loss"] if history else None})  # fmt: skip
-        return steps.variables_of(state)
+        return state
 
     def random_labels(self, split: ImageSplit, seed: int) -> ImageSplit:
         """``split`` with labels drawn uniformly at random (RL, SalUn)."""
-        rng = np.random.default_rng(self.seed + seed)
+        rng = np.random.default_rng(self.stream("labels", seed))
         return ImageSplit(split.images, rng.integers(0, self.scenario.num_classes, len(split)).astype(np.int32))
 
 

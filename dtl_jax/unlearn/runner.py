@@ -6,7 +6,9 @@ from ``jax.monitoring``'s compile events); the compile time is reported beside i
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 import time
 from pathlib import Path
 
@@ -14,28 +16,40 @@ import jax
 import numpy as np
 from jax import monitoring
 
-from dtl_jax import checkpoint
-from dtl_jax.config import Config, validate
+from dtl_jax import checkpoint, compilation_cache, seeds
+from dtl_jax.config import Config, to_dict, validate
 from dtl_jax.data.tasks import make_task
 from dtl_jax.evaluate import predict
 from dtl_jax.models import build
+from dtl_jax.summary import format_table as format_summary_table
+from dtl_jax.summary import summarize
 from dtl_jax.train import steps
 from dtl_jax.train.metrics import MetricsWriter
 from dtl_jax.train.optim import make_optimizer
 from dtl_jax.unlearn.metrics import gap_to_oracle, unlearning_metrics
-from dtl_jax.unlearn.registry import HEAD, Context, load_methods
+from dtl_jax.unlearn.registry import HEAD, Context, load_methods, method_names
 from dtl_jax.unlearn.scenario import make_scenario
 from dtl_jax.workdir import claim, fingerprint, prepare, versions, write_json
 
-_COMPILE_SECONDS = [0.0]
+REFERENCES = ("retrain", "ft")  # paired differences in summary.json are taken against these
 
 
-def _on_event(name: str, seconds: float, **_) -> None:
-    if name.startswith("/jax/core/compile/"):
-        _COMPILE_SECONDS[0] += seconds
+@contextlib.contextmanager
+def compile_seconds():
+    """Counts the seconds JAX spends tracing and compiling inside the ``with`` block (``jax.monitoring``'s
+    compile events): ``with compile_seconds() as spent: ...; spent[0]``. The listener lives only as long
+    as the block."""
+    spent = [0.0]
 
+    def listener(name: str, seconds: float, **_) -> None:
+        if name.startswith("/jax/core/compile/"):
+            spent[0] += seconds
 
-monitoring.register_event_duration_secs_listener(_on_event)
+    monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield spent
+    finally:
+        monitoring.unregister_event_duration_listener(listener)
 
 
 def _outputs(network, variables, scenario, config) -> dict:
@@ -64,11 +78,12 @@ def run(config: Config, workdir, *, quiet: bool = False, overwrite: bool = False
     """Unlearning with every configured method; writes ``workdir/results.json``. A workdir made by a run
     with another config is refused unless ``overwrite``."""
     config = validate(config)
+    compilation_cache.enable(config.compilation_cache)
     workdir = prepare(Path(workdir), config, "unlearn", overwrite)
     start = time.perf_counter()
     u, d = config.unlearn, config.data
-    task = make_task("unlearn", u.task, d, config.seed)
-    scenario = make_scenario(task, u, d.val_fraction, config.seed)
+    task = make_task("unlearn", u.task, d, seeds.derive(config.seed, "unlearn-split"))
+    scenario = make_scenario(task, u, d.val_fraction, seeds.derive(config.seed, "unlearn-scenario"))
     claim(workdir, config, "unlearn")
     writer = MetricsWriter(workdir)
     network = build(config.model)
@@ -77,7 +92,7 @@ def run(config: Config, workdir, *, quiet: bool = False, overwrite: bool = False
 
     # The original model: trained on D_r ∪ D_f.
     original_dir = workdir / "checkpoints" / f"unlearn-original-{fingerprint(*scenario_key, u.original)}"
-    variables = network.init(jax.random.PRNGKey(config.seed), shape, {HEAD: scenario.num_classes})
+    variables = network.init(seeds.key(config.seed, "unlearn-original-init"), shape, {HEAD: scenario.num_classes})
     if checkpoint.exists(original_dir):
         original = checkpoint.restore(original_dir, variables)[0]
     else:
@@ -94,19 +109,20 @@ def run(config: Config, workdir, *, quiet: bool = False, overwrite: bool = False
     methods = load_methods()
     rows = {"original": _metrics(network, original, scenario, config)}
     rows["original"].update(rt_s=0.0, compile_s=0.0, diverged=False, halted_at=None)
-    for name in u.methods:
+    for name in u.methods or method_names():
         method_key = dataclasses.replace(u, methods=())  # the list of methods run does not change one
         directory = workdir / "checkpoints" / f"unlearn-{name}-{fingerprint(*scenario_key, method_key)}"
         if checkpoint.exists(directory):
             unlearned, meta = checkpoint.restore(directory, original)
         else:
             progress_root = directory.with_name(directory.name + ".progress")
-            ctx = Context(config, network, scenario, original, config.seed + 1000, quiet, progress_root=progress_root,
+            ctx = Context(config, network, scenario, original, config.seed, quiet, progress_root=progress_root,
                           writer=writer)  # fmt: skip
-            compile_before, t0 = _COMPILE_SECONDS[0], time.perf_counter()
-            unlearned = jax.block_until_ready(methods[name](ctx))
-            wall = time.perf_counter() - t0
-            compile_s = _COMPILE_SECONDS[0] - compile_before
+            with compile_seconds() as spent:
+                t0 = time.perf_counter()
+                unlearned = jax.block_until_ready(methods[name](ctx))
+                wall = time.perf_counter() - t0
+            compile_s = spent[0]
             meta = {"rt_s": wall - compile_s, "compile_s": compile_s, "history": ctx.history}
             checkpoint.save(directory, unlearned, meta)
             checkpoint.remove(progress_root)
@@ -138,13 +154,42 @@ def run(config: Config, workdir, *, quiet: bool = False, overwrite: bool = False
     return results
 
 
+def run_seeds(config: Config, seed_list: list[int], workdir, *, quiet: bool = False, overwrite: bool = False) -> dict:
+    """``run`` for every seed in this process, each in ``workdir/seed-<s>``; writes and returns
+    ``workdir/summary.json``: every method's metrics over seeds (mean, std, 95 % CI, n, values) and the
+    paired per-seed differences to Retrain and to FT."""
+    config = validate(config)
+    start = time.perf_counter()
+    per_seed = {}
+    for seed in seed_list:
+        one = dataclasses.replace(config, seed=seed)
+        results = run(one, Path(workdir) / f"seed-{seed}", quiet=quiet, overwrite=overwrite)
+        per_seed[seed] = {
+            name: {k: v for k, v in row.items() if k in SUMMARY_KEYS} for name, row in results["methods"].items()
+        }
+    summary = summarize(per_seed, REFERENCES)
+    summary.update(
+        kind="unlearn", config=to_dict(dataclasses.replace(config, seed=seed_list[0])),
+        seconds=time.perf_counter() - start,
+    )  # fmt: skip
+    os.makedirs(workdir, exist_ok=True)
+    write_json(Path(workdir) / "summary.json", summary)
+    return summary
+
+
 COLUMNS = (
     ("ua", "UA"), ("ra", "RA"), ("ta", "TA"), ("mia_efficacy", "MIA-eff"), ("rep_mia", "rep-MIA"),
     ("loss_mia", "loss-MIA"), ("gap", "gap"), ("rt_s", "RT (s)"), ("rrt", "RRT"),
 )  # fmt: skip
 
 
+SUMMARY_KEYS = (*METRIC_KEYS, "gap", "rt_s", "rrt")
+
+
 def format_table(results: dict) -> str:
+    """The table ``dtl-jax unlearn`` prints: one seed's results, or a summary's mean ± 95 % CI."""
+    if "rows" in results:
+        return format_summary_table(results, COLUMNS[:-2], "method", width=15)
     header = f"{'method':<16}" + "".join(f"{title:>10}" for _, title in COLUMNS)
     lines = [header, "-" * len(header)]
     for name, row in results["methods"].items():

@@ -1,0 +1,100 @@
+"""Stage identity: a stage's key hashes exactly what the stage reads; a frozen backbone stays frozen."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+from conftest import tiny_config
+
+from dtl_jax import stages
+from dtl_jax.config import Config, ModelConfig
+
+
+def _keys(config: Config) -> dict[str, str]:
+    keys = {stage: stages.stage_key(config, stage) for stage in ("pretrain", "transfer", "refit", "random_init")}
+    for method in config.disposal.methods:
+        keys[f"disposal {method}"] = stages.stage_key(config, "disposal", method)
+    for model in ("random_init", "tl", *config.disposal.methods):
+        keys[f"piggyback {model}"] = stages.stage_key(config, "piggyback", model, shots=10, draw=0)
+    return keys
+
+
+def _changed(before: Config, after: Config) -> set[str]:
+    old, new = _keys(before), _keys(after)
+    return {name for name in old if old[name] != new.get(name)}
+
+
+def _with(config: Config, **disposal) -> Config:
+    return dataclasses.replace(config, disposal=dataclasses.replace(config.disposal, **disposal))
+
+
+def test_gc_lambda_reruns_only_the_methods_that_read_it():
+    base = Config()
+    changed = _changed(base, _with(base, gc_lambda=0.01))
+    assert changed == {"disposal gc", "disposal ngc", "piggyback gc", "piggyback ngc"}
+
+
+def test_fooling_lambda_reruns_only_rtf_utf_ga():
+    base = Config()
+    changed = _changed(base, _with(base, fooling_lambda=0.5))
+    assert changed == {f"{stage} {m}" for stage in ("disposal", "piggyback") for m in ("rtf", "utf", "ga")}
+
+
+def test_adding_or_dropping_a_method_reruns_nothing_else():
+    base = _with(Config(), methods=("gc", "rtf"))
+    more = _with(base, methods=("gc", "rtf", "utf"))
+    old, new = _keys(base), _keys(more)
+    assert all(new[name] == key for name, key in old.items())
+
+
+def test_upstream_changes_propagate_and_unread_fields_do_not():
+    base = Config()
+    # transfer settings: everything after pre-training
+    changed = _changed(base, dataclasses.replace(base, transfer=dataclasses.replace(base.transfer, epochs=3)))
+    assert "pretrain" not in changed and "random_init" not in changed
+    assert {"transfer", "refit", "disposal gc", "piggyback tl", "piggyback gc"} <= changed
+    # fields pre-training never reads leave it alone
+    target = dataclasses.replace(base.data, target=dataclasses.replace(base.data.target, classes=(5, 6, 7)))
+    assert "pretrain" not in _changed(base, dataclasses.replace(base, data=target))
+    for unread in ({"checkpoint_every": 7}, {"eval": dataclasses.replace(base.eval, batch_size=99)}):
+        assert _changed(base, dataclasses.replace(base, **unread)) == set()
+    assert _changed(base, _with(base, devices=2, gc_low_memory=True)) == set()  # same results by construction
+    # the seed: every stage
+    assert _changed(base, dataclasses.replace(base, seed=1)) == set(_keys(base))
+
+
+def test_piggyback_keys_differ_per_budget_and_draw():
+    config = Config()
+    keys = {stages.stage_key(config, "piggyback", "tl", shots=s, draw=d) for s in (5, 10) for d in (0, 1)}
+    assert len(keys) == 4
+
+
+def test_refit_keeps_the_backbone_and_its_batchnorm_statistics_frozen(tmp_path):
+    config = tiny_config(model=ModelConfig(name="cnn", widths=(4, 8), batch_norm=True))
+    config = dataclasses.replace(config, data=dataclasses.replace(config.data, image_size=8, channels=1))
+    exp = stages.build_experiment(config, tmp_path, quiet=True)
+    pretrained, _ = stages.pretrain(exp)
+    tl, _ = stages.transfer(exp, pretrained)
+    refit = stages.refit_source_head(exp, tl)
+    for part in ("backbone",):
+        assert jax.tree.all(jax.tree.map(np.array_equal, refit["params"][part], tl["params"][part]))
+    assert jax.tree.leaves(tl["batch_stats"]), "the model must have BatchNorm statistics for this test"
+    assert jax.tree.all(jax.tree.map(np.array_equal, refit["batch_stats"], tl["batch_stats"]))
+    assert jax.tree.all(
+        jax.tree.map(np.array_equal, refit["params"]["heads"]["target"], tl["params"]["heads"]["target"])
+    )
+    moved = jax.tree.map(
+        lambda a, b: not np.array_equal(a, b), refit["params"]["heads"]["source"], tl["params"]["heads"]["source"]
+    )
+    assert all(jax.tree.leaves(moved)), "the source head must be re-fitted"
+    # and the re-fitted head beats the stale one on the source task
+    old = exp.accuracy(tl, exp.source.val, "source")
+    new = exp.accuracy(refit, exp.source.val, "source")
+    assert new >= old
+
+
+@pytest.mark.parametrize("stage", ["nope"])
+def test_unknown_stage_is_a_key_error(stage):
+    with pytest.raises(KeyError):
+        stages.stage_key(Config(), stage)
