@@ -1,0 +1,46 @@
+"""JAX's persistent compilation cache: on by default, movable and switchable off."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from dtl_jax import compilation_cache
+
+
+def test_cache_dir_precedence(monkeypatch, tmp_path):
+    monkeypatch.delenv(compilation_cache.ENV, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert compilation_cache.cache_dir() == tmp_path / "xdg" / "dtl_jax" / "jax"
+    monkeypatch.setenv(compilation_cache.ENV, str(tmp_path / "env"))
+    assert compilation_cache.cache_dir() == tmp_path / "env"
+    assert compilation_cache.cache_dir(str(tmp_path / "key")) == tmp_path / "key"  # the config key wins
+    assert compilation_cache.cache_dir("off") is None
+    monkeypatch.setenv(compilation_cache.ENV, "OFF")
+    assert compilation_cache.cache_dir() is None
+
+
+@pytest.mark.slow
+def test_a_compiled_function_lands_in_the_cache(tmp_path):
+    import subprocess
+    import sys
+
+    code = (
+        "import jax, jax.numpy as jnp\n"
+        "from dtl_jax import compilation_cache\n"
+        f"compilation_cache.enable({str(tmp_path)!r})\n"
+        "jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)\n"
+        "f = jax.jit(lambda x: jnp.sin(x) @ jnp.cos(x).T)\n"
+        "f(jnp.ones((64, 64))).block_until_ready()\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    assert any(tmp_path.iterdir()), "nothing was written to the compilation cache"
+
+
+def test_enable_off_sets_no_directory():
+    before = jax.config.jax_compilation_cache_dir
+    try:
+        assert compilation_cache.enable("off") is None
+        assert jax.config.jax_compilation_cache_dir is None
+        jnp.ones(3).block_until_ready()
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)
