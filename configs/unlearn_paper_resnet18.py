@@ -25,7 +25,9 @@ def get_config() -> Config:
             forget_fraction=0.1,
             forget_class=0,
             original=dataclasses.replace(sgd, epochs=182, batch_size=256),
-            optim=dataclasses.replace(sgd, learning_rate=0.01, epochs=10, batch_size=256),
+            # the baselines' reference settings (configs/unlearn_reference.py): constant lr, SCRUB forget batch 512
+            optim=dataclasses.replace(sgd, learning_rate=0.01, epochs=10, batch_size=256, schedule="constant"),
+            scrub_forget_batch=512,
             sure_domain_batch=32,
         ),
     )

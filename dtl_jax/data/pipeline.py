@@ -29,23 +29,36 @@ def to_batch(split: ImageSplit, index: np.ndarray, mean: float, std: float, rng=
 
 
 def shuffled_batches(
-    split: ImageSplit, batch_size: int, seed: int, *, mean: float, std: float, flip: bool
+    split: ImageSplit, batch_size: int, seed: int, *, mean: float, std: float, flip: bool, drop_last: bool = True
 ) -> Iterator[Batch]:
-    """Endless epochs of shuffled batches; the last partial batch of an epoch is dropped (static shapes).
-    A split smaller than one batch is sampled with replacement to one full batch per epoch."""
+    """Endless epochs of shuffled batches.
+
+    ``drop_last=True`` (every stage but unlearning): the last partial batch of an epoch is dropped (static
+    shapes), and a split smaller than one batch is sampled with replacement to one full batch per epoch.
+    ``drop_last=False`` (PyTorch's ``DataLoader`` default, which the unlearning references use): every
+    example is visited exactly once an epoch; the last batch holds the ``len(split) % batch_size`` left
+    over (one more compiled shape), and a split smaller than a batch is one batch of the whole split.
+    """
     if len(split) == 0:
         raise UserError("cannot draw batches from an empty split")
     rng = np.random.default_rng(seed)
     while True:
         order = rng.permutation(len(split))
-        if len(order) < batch_size:
-            order = rng.choice(len(split), batch_size, replace=True)
-        for start in range(0, len(order) - batch_size + 1, batch_size):
+        if drop_last:
+            if len(order) < batch_size:
+                order = rng.choice(len(split), batch_size, replace=True)
+            stop = len(order) - batch_size + 1
+        else:
+            stop = len(order)
+        for start in range(0, stop, batch_size):
             yield to_batch(split, order[start : start + batch_size], mean, std, rng if flip else None)
 
 
-def steps_per_epoch(split: ImageSplit, batch_size: int) -> int:
-    return max(1, len(split) // batch_size)
+def steps_per_epoch(split: ImageSplit, batch_size: int, drop_last: bool = True) -> int:
+    """Batches in one epoch of ``shuffled_batches`` with the same ``drop_last``."""
+    if drop_last:
+        return max(1, len(split) // batch_size)
+    return max(1, -(-len(split) // batch_size))
 
 
 def class_chunked_batches(

@@ -1,8 +1,10 @@
 """Unlearning metrics (METHODS.md §2.3). Inputs are per-example model outputs; attacks use scikit-learn.
 
 Conventions: every metric is a fraction in [0, 1]. Members are retain examples, non-members test
-examples; the attacks are fitted on a balanced sample of both (the larger group subsampled, seeded) and
-then applied to the forget set.
+examples. MIA-efficacy follows its reference exactly (OPTML-Group ``evaluation/SVC_MIA.py`` as called by
+``main_forget.py``): the first ``len(test)`` retain examples against the whole test set, no sampling. The
+representation and loss-threshold attacks are fitted on a balanced sample of both groups (the larger one
+subsampled to at most 5,000, seeded) and then applied to the forget set.
 """
 
 from __future__ import annotations
@@ -38,18 +40,25 @@ def _balanced(members: np.ndarray, nonmembers: np.ndarray, seed: int, cap: int =
     return x, y
 
 
-def mia_efficacy(retain_conf: np.ndarray, test_conf: np.ndarray, forget_conf: np.ndarray, seed: int = 0) -> float:
-    """SalUn / L1-sparse convention: an RBF SVM (C=3) on the true-label confidence, members = retain,
-    non-members = test; the fraction of the forget set it calls non-member (higher = more forgotten).
+def mia_efficacy(retain_conf: np.ndarray, test_conf: np.ndarray, forget_conf: np.ndarray) -> float:
+    """SalUn / L1-sparse MIA-efficacy (METHODS.md §2.3): an SVM (``SVC(C=3, gamma="auto", kernel="rbf")``)
+    on the true-label confidence, fitted on the first ``n = len(test_conf)`` retain examples (members,
+    label 1; all of them if there are fewer) against the whole test set (non-members, label 0); returns the
+    fraction of the forget set it predicts non-member (higher = more forgotten). Deterministic: no sampling.
 
     >>> import numpy as np
     >>> members, nonmembers = np.full(50, 0.99), np.full(50, 0.2)
     >>> mia_efficacy(members, nonmembers, np.full(10, 0.1))  # forget set looks like non-members
     1.0
     """
-    x, y = _balanced(retain_conf.reshape(-1, 1), test_conf.reshape(-1, 1), seed)
-    attack = SVC(C=3, kernel="rbf", gamma="auto").fit(x, y)
-    return float(np.mean(attack.predict(forget_conf.reshape(-1, 1)) == 0))
+    members = np.asarray(retain_conf).reshape(-1, 1)[: len(test_conf)]
+    nonmembers = np.asarray(test_conf).reshape(-1, 1)
+    if len(members) == 0 or len(nonmembers) == 0:
+        raise ValueError("MIA-efficacy needs retain (member) and test (non-member) examples")
+    x = np.concatenate([members, nonmembers])
+    y = np.concatenate([np.ones(len(members)), np.zeros(len(nonmembers))])
+    attack = SVC(C=3, gamma="auto", kernel="rbf").fit(x, y)
+    return float(1.0 - attack.predict(np.asarray(forget_conf).reshape(-1, 1)).mean())
 
 
 def representation_mia(retain_feat: np.ndarray, test_feat: np.ndarray, forget_feat: np.ndarray, seed: int = 0) -> float:
@@ -85,7 +94,7 @@ def unlearning_metrics(outputs: dict, seed: int = 0) -> dict:
         "ua": 1.0 - acc["forget"],
         "ra": acc["retain"],
         "ta": acc["test"],
-        "mia_efficacy": mia_efficacy(conf["retain"], conf["test"], conf["forget"], seed),
+        "mia_efficacy": mia_efficacy(conf["retain"], conf["test"], conf["forget"]),
         "rep_mia": representation_mia(outputs["retain"][1], outputs["test"][1], outputs["forget"][1], seed),
         "loss_mia": loss_threshold_mia(loss["retain"], loss["forget"], loss["test"], seed),
     }

@@ -1,12 +1,22 @@
-"""L1-sparse: FT plus ``α_t ||θ||_1``, ``α_t`` decaying linearly from ``unlearn.l1_alpha`` to 0."""
+"""L1-sparse: FT plus ``α_e ||θ||_1`` over all parameters, with ``α_e = α(1 - e/E)`` in epoch
+``e = 0..E-1`` (``α = unlearn.l1_alpha``, ``E = unlearn.optim.epochs``): constant within an epoch, ``α`` in
+the first and ``α/E`` in the last (reference: OPTML-Group/Unlearn-Sparse ``unlearn/FT.py``)."""
 
 import jax
 import jax.numpy as jnp
 
 from dtl_jax import losses
 from dtl_jax.train import steps
-from dtl_jax.unlearn.methods._common import forward
+from dtl_jax.unlearn.methods._common import epochs_of, forward
 from dtl_jax.unlearn.registry import Context, cycle, register
+
+
+def epoch_alphas(alpha: float, epochs: int, per_epoch: int):
+    """The L1 coefficient of every step: ``alpha * (1 - e / epochs)`` for the ``per_epoch`` steps of epoch ``e``."""
+    for e in range(epochs):
+        value = jnp.float32(alpha * (1.0 - e / epochs))
+        for _ in range(per_epoch):
+            yield value
 
 
 @register("l1_sparse")
@@ -16,11 +26,12 @@ def l1_sparse(ctx: Context) -> dict:
     def loss_fn(params, batch_stats, key, alpha, batch):
         logits, _, stats = forward(network, params, batch_stats, batch["image"])
         l1 = sum(jnp.sum(jnp.abs(p)) for p in jax.tree.leaves(params))
-        return losses.cross_entropy(logits, batch["label"]) + alpha * l1, (stats, {"l1": l1})
+        return losses.cross_entropy(logits, batch["label"]) + alpha * l1, (stats, {"l1": l1, "alpha": alpha})
 
-    retain = ctx.scenario.retain
-    total = ctx.steps_per_epoch(retain) * ctx.u.optim.epochs
-    alphas = (jnp.float32(ctx.u.l1_alpha * (1.0 - t / total)) for t in range(total))
+    stream, per_epoch = epochs_of(ctx, ctx.scenario.retain, seed=5)
+    epochs = ctx.u.optim.epochs
+    total = per_epoch * epochs
     tx = ctx.optimizer(total)
     step = steps.custom_step(loss_fn, tx)
-    return ctx.train(step, ctx.original, tx, cycle(alphas, ctx.batches(retain, seed=5)), total, "l1_sparse")
+    alphas = epoch_alphas(ctx.u.l1_alpha, epochs, per_epoch)
+    return ctx.train(step, ctx.original, tx, cycle(alphas, stream), total, "l1_sparse")

@@ -1,7 +1,15 @@
-"""SalUn: RL restricted to the salient weights. The mask keeps the top ``unlearn.salun_sparsity`` of
-``|∇_θ(-CE on D_f)|`` at the original model, ranked over all weights at once; gradients outside the mask
-are zeroed and, after every update, weights outside the mask are reset to their original values, so that
-momentum and weight decay cannot move them either (they stay bitwise equal)."""
+"""SalUn: RL restricted to the salient weights (reference: OPTML-Group/Unlearn-Saliency
+``generate_mask.py`` and ``unlearn/RL.py``).
+
+Saliency: ``s = |Σ_b ∇_θ mean_{i∈b} (-CE_i)|`` at the original model with BatchNorm in eval mode, the sum
+over the batches ``b`` of ``D_f`` in order at ``unlearn.optim.batch_size`` (the reference's forget loader;
+the absolute value is taken after summing). Mask: exactly the top ``k = int(unlearn.salun_sparsity · n)``
+of the ``n`` weights, ranked over all parameters at once by a stable argsort of ``-s`` (ties go to the
+earlier weight in ``jax.tree.leaves`` order, so ties never select more than ``k``).
+
+Update: RL's data stream and loss; gradients outside the mask are zeroed and, after every update, weights
+outside the mask are reset to their original values, so that momentum and weight decay cannot move them
+either (they stay bitwise equal)."""
 
 import jax
 import jax.numpy as jnp
@@ -15,27 +23,44 @@ from dtl_jax.unlearn.methods.rl import relabel_then_retain
 from dtl_jax.unlearn.registry import Context, constant, cycle, register
 
 
-def saliency_mask(ctx: Context) -> dict:
-    """Boolean pytree over ``params``: True where the weight is among the most salient."""
+def saliency(ctx: Context) -> dict:
+    """``|Σ_b ∇_θ mean_b(-CE)|`` over the forget batches (a pytree shaped like ``params``)."""
     network, original = ctx.network, ctx.original
     d = ctx.config.data
 
     @jax.jit
-    def abs_grad(params, batch):
+    def batch_grad(params, batch):
         def neg_ce(p):
             logits, _, _ = forward(network, p, original["batch_stats"], batch["image"], train=False)
-            return -losses.cross_entropy(logits, batch["label"], batch["mask"]) * jnp.sum(batch["mask"])
+            return -losses.cross_entropy(logits, batch["label"], batch["mask"])  # mean over real examples
 
-        return jax.tree.map(jnp.abs, jax.grad(neg_ce)(params))
+        return jax.grad(neg_ce)(params)
 
     total = None
-    for batch in pipeline.eval_batches(ctx.scenario.forget, ctx.config.eval.batch_size, mean=d.mean, std=d.std):
-        g = abs_grad(original["params"], batch)  # summed |grad| of the batch sums
+    for batch in pipeline.eval_batches(ctx.scenario.forget, ctx.u.optim.batch_size, mean=d.mean, std=d.std):
+        g = batch_grad(original["params"], batch)
         total = g if total is None else jax.tree.map(jnp.add, total, g)
-    flat = np.concatenate([np.asarray(x).ravel() for x in jax.tree.leaves(total)])
-    k = max(1, int(round(ctx.u.salun_sparsity * flat.size)))
-    threshold = np.partition(flat, flat.size - k)[flat.size - k]
-    return jax.tree.map(lambda x: jnp.asarray(x) >= threshold, total)
+    return jax.tree.map(jnp.abs, total)
+
+
+def top_k_mask(scores: dict, fraction: float) -> dict:
+    """Boolean pytree: True on exactly ``k = int(fraction · n)`` (at least 1) of the ``n`` leaves' entries,
+    those with the largest score, ties broken by position (a stable argsort over the flattened leaves)."""
+    leaves, treedef = jax.tree.flatten(scores)
+    flat = np.concatenate([np.asarray(x, np.float64).ravel() for x in leaves])
+    k = max(1, int(flat.size * fraction))
+    keep = np.zeros(flat.size, bool)
+    keep[np.argsort(-flat, kind="stable")[:k]] = True
+    out, start = [], 0
+    for x in leaves:
+        out.append(jnp.asarray(keep[start : start + x.size].reshape(x.shape)))
+        start += x.size
+    return jax.tree.unflatten(treedef, out)
+
+
+def saliency_mask(ctx: Context) -> dict:
+    """Boolean pytree over ``params``: True where the weight is among the most salient."""
+    return top_k_mask(saliency(ctx), ctx.u.salun_sparsity)
 
 
 @register("salun")

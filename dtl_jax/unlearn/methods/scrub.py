@@ -1,11 +1,17 @@
-"""SCRUB: the student starts at the original model, the teacher (the original) is frozen. Each of the
-first ``unlearn.scrub_max_epochs`` epochs starts with max-steps over ``D_f`` (minimise
-``-KL(teacher ‖ student)``); every epoch has min-steps over ``D_r``
-(``γ·CE + α·KL(teacher ‖ student)``). KL at temperature ``unlearn.kd_temperature`` (T²-scaled)."""
+"""SCRUB (reference: meghdadk/SCRUB ``thirdparty/repdistiller/helper/loops.py``, ``distiller_zoo/KD.py``).
+
+The student starts at the original model (train mode); the teacher, the original, is frozen (eval mode).
+``KL = T² · KL(softmax(t/T) ‖ softmax(s/T))`` at ``T = unlearn.kd_temperature``. For ``unlearn.scrub_epochs``
+epochs (reference 3): each of the first ``m = unlearn.scrub_max_epochs`` epochs starts with max-steps, one
+pass over ``D_f`` at batch ``unlearn.scrub_forget_batch`` (reference 512) minimising ``-KL``; every epoch
+then has min-steps, one pass over ``D_r`` at ``unlearn.optim.batch_size`` (reference 256) minimising
+``γ·CE + α·KL``. One SGD optimiser (``unlearn.scrub_learning_rate``, ``unlearn.optim``'s momentum and
+weight decay) runs through all phases: its momentum and schedule count carry over from a max phase into
+the next min phase and back, as in the reference."""
 
 from dtl_jax import losses
 from dtl_jax.train import steps
-from dtl_jax.unlearn.methods._common import forward
+from dtl_jax.unlearn.methods._common import epochs_of, forward
 from dtl_jax.unlearn.registry import Context, constant, cycle, register
 
 
@@ -27,16 +33,15 @@ def scrub(ctx: Context) -> dict:
         return u.scrub_gamma * losses.cross_entropy(logits, batch["label"]) + u.scrub_alpha * div, (stats, {})
 
     s = ctx.scenario
-    per_forget, per_retain = ctx.steps_per_epoch(s.forget), ctx.steps_per_epoch(s.retain)
-    max_epochs = min(u.scrub_max_epochs, u.optim.epochs)
-    tx = ctx.optimizer(per_retain * u.optim.epochs + per_forget * max_epochs, learning_rate=u.scrub_learning_rate)
+    forget, per_forget = epochs_of(ctx, s.forget, seed=7, batch_size=u.scrub_forget_batch)
+    retain, per_retain = epochs_of(ctx, s.retain, seed=8)
+    max_epochs = min(u.scrub_max_epochs, u.scrub_epochs)
+    tx = ctx.optimizer(per_retain * u.scrub_epochs + per_forget * max_epochs, learning_rate=u.scrub_learning_rate)
     max_step, min_step = steps.custom_step(max_loss, tx), steps.custom_step(min_loss, tx)
-    forget, retain = ctx.batches(s.forget, seed=7), ctx.batches(s.retain, seed=8)
-    variables = ctx.original
-    for epoch in range(u.optim.epochs):
+    teacher = constant(ctx.original)
+    state = ctx.init_state(ctx.original, tx)  # one optimiser state for every phase
+    for epoch in range(u.scrub_epochs):
         if epoch < max_epochs:
-            variables = ctx.train(max_step, variables, tx, cycle(constant(ctx.original), forget), per_forget,
-                                  f"scrub max {epoch + 1}")  # fmt: skip
-        variables = ctx.train(min_step, variables, tx, cycle(constant(ctx.original), retain), per_retain,
-                              f"scrub min {epoch + 1}")  # fmt: skip
-    return variables
+            state = ctx.run(max_step, state, cycle(teacher, forget), per_forget, f"scrub max {epoch + 1}")
+        state = ctx.run(min_step, state, cycle(teacher, retain), per_retain, f"scrub min {epoch + 1}")
+    return steps.variables_of(state)
