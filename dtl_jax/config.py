@@ -22,8 +22,6 @@ from dtl_jax.errors import UserError
 __all__ = ["Config", "UserError", "apply_overrides", "load", "validate"]
 
 
-
-
 @dataclasses.dataclass(frozen=True)
 class TaskConfig:
     """A classification task: some classes of one dataset, relabelled 0..n-1 in the given order."""
@@ -81,6 +79,7 @@ class PiggybackConfig(OptimConfig):
 
     shots: tuple[int, ...] = ()  # labelled examples a class, one budget each; () = data.piggyback_fraction
     repeats: int = 3  # attacker draws (labelled subset, fresh head, batch order) averaged per budget
+    curve_every: int = 1  # epochs between the PL curve's test evaluations (the last epoch is always measured)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,7 +180,7 @@ class Config:
         selection="min_probe",
     )
     piggyback: PiggybackConfig = PiggybackConfig(
-        optimizer="sgd", learning_rate=0.003, epochs=50, batch_size=32, shots=(10,), repeats=3
+        optimizer="sgd", learning_rate=0.003, epochs=50, batch_size=32, shots=(10,), repeats=3, curve_every=5
     )
     eval: EvalConfig = EvalConfig()
     unlearn: UnlearnConfig = UnlearnConfig()
@@ -345,6 +344,7 @@ RULES: tuple[tuple[str, Range], ...] = (
     ("*.classes", NON_NEGATIVE),
     ("piggyback.shots", Range(1)),
     ("piggyback.repeats", Range(1)),
+    ("piggyback.curve_every", Range(1)),
     ("data.piggyback_fraction", FRACTION),
     ("data.val_fraction", Range(0, 1, high_open=True)),
     ("data.image_size", NON_NEGATIVE),

@@ -55,7 +55,15 @@ def run(
         row = stages.evaluate_model(exp, variables)
         pl = stages.piggyback_learning(exp, name, variables)
         records[f"piggyback {name}"] = pl
-        row.update(pl_acc=pl["pl_acc"], pl_curve=pl["pl_curve"], pl=pl["pl"])
+        row.update(pl_acc=pl["pl_acc"], pl_val_acc=pl["pl_val_acc"], pl_curve=pl["pl_curve"])
+        row.update(pl_curve_epochs=pl["pl_curve_epochs"], pl=pl["pl"])
+        if name in disposal:  # the held-out target accuracy of the returned state (validation, for searches)
+            returned = [c for c in disposal[name]["checks"] if c["step"] == disposal[name]["returned_step"]]
+            row["target_val_acc"] = returned[0]["target_val_acc"] if returned else float("nan")
+        elif name == "tl":
+            row["target_val_acc"] = (
+                exp.accuracy(variables, exp.target.val, "target") if len(exp.target.val) else float("nan")
+            )
         results["models"][name] = row
     records.update({f"disposal {m}": meta for m, meta in disposal.items()})
     devices, processes = _topology()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
+import chex
 import jax
 import jax.numpy as jnp
 import optax
@@ -23,6 +24,8 @@ def _mean(values: jax.Array, mask: jax.Array | None) -> jax.Array:
 
 def per_example_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """``-log softmax(logits)[label]`` for each example."""
+    chex.assert_rank(logits, 2)  # shapes are checked once, when traced
+    chex.assert_shape(labels, logits.shape[:1])
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
@@ -45,6 +48,7 @@ def distillation(student: jax.Array, teacher: jax.Array, temperature: float = 4.
     >>> float(distillation(jnp.ones((2, 3)), jnp.ones((2, 3))))
     0.0
     """
+    chex.assert_equal_shape([student, teacher])
     teacher = jax.lax.stop_gradient(teacher)
     t_log = jax.nn.log_softmax(teacher / temperature)
     s_log = jax.nn.log_softmax(student / temperature)

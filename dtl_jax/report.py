@@ -35,7 +35,8 @@ def pl_curves(results: dict, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for name, row in results["models"].items():
         style = "--" if name in ("random_init", "tl") else "-"
-        ax.plot(range(1, len(row["pl_curve"]) + 1), row["pl_curve"], style, label=name)
+        epochs = row.get("pl_curve_epochs") or range(1, len(row["pl_curve"]) + 1)
+        ax.plot(epochs, row["pl_curve"], style, marker=".", label=name)
     ax.set(xlabel="piggyback epoch", ylabel="PL accuracy (source test)", title="Piggyback learning")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)

@@ -69,7 +69,7 @@ STAGE_FIELDS: dict[str, tuple[str, ...]] = {
     ),  # fmt: skip
     "disposal:collision": ("disposal.gc_lambda", "disposal.num_chunks", "disposal.chunking", "disposal.gc_params"),
     "disposal:fooling": ("disposal.fooling_lambda",),
-    "piggyback": ("data.piggyback", *(f"piggyback.{name}" for name in _OPTIM)),
+    "piggyback": ("data.piggyback", "piggyback.curve_every", *(f"piggyback.{name}" for name in _OPTIM)),
 }
 
 
@@ -510,10 +510,13 @@ def piggyback_run(exp: Experiment, model: str, variables: dict, shots: int, draw
     if checkpoint.exists(directory):
         return checkpoint.restore(directory, {"head": head})[1]
     task = few_shot_task(exp.attacker, shots, exp.stream("piggyback-subset", shots, draw))
+    per_epoch = pipeline.steps_per_epoch(task.train, c.piggyback.batch_size)
     curve: list[float] = []
 
     def on_epoch(state, done):
-        curve.append(exp.accuracy(steps.variables_of(state), task.test, "piggyback"))
+        epoch = done // per_epoch
+        if epoch % c.piggyback.curve_every == 0 or epoch == c.piggyback.epochs:
+            curve.append(exp.accuracy(steps.variables_of(state), task.test, "piggyback"))
         return False
 
     start = time.perf_counter()
@@ -522,9 +525,12 @@ def piggyback_run(exp: Experiment, model: str, variables: dict, shots: int, draw
     pl_vars, history, status = _supervised(
         exp, name, pl_vars, task, "piggyback", c.piggyback, None, seed, directory, on_epoch, _CurveBook(curve)
     )
+    # the attacker's final accuracy on the validation split too: what a search may select on (never test)
+    val_acc = exp.accuracy(pl_vars, task.val, "piggyback") if len(task.val) else float("nan")
     meta = {
         "curve": curve,
         "acc": curve[-1] if curve else float("nan"),
+        "val_acc": val_acc,
         **status,
         "seconds": time.perf_counter() - start,
     }
@@ -535,9 +541,11 @@ def piggyback_run(exp: Experiment, model: str, variables: dict, shots: int, draw
 def piggyback_learning(exp: Experiment, model: str, variables: dict) -> dict:
     """Stage 4, the attack, at every budget of ``piggyback.shots`` with ``piggyback.repeats`` draws each.
 
-    Returns ``{"pl": {shots: {"acc", "accs", "curve", "curves"}}, "pl_acc", "pl_curve"}``: per budget the
-    mean over draws of the final accuracy and of the curve, and the per-draw values; ``pl_acc`` and
-    ``pl_curve`` are those of the first budget (the headline figure)."""
+    Returns ``{"pl": {shots: {"acc", "accs", "val_acc", "curve", "curves"}}, "pl_acc", "pl_val_acc",
+    "pl_curve", "pl_curve_epochs"}``: per budget the mean over draws of the final test accuracy, of the
+    final validation accuracy and of the curve (test accuracy after the epochs ``pl_curve_epochs``, every
+    ``piggyback.curve_every``-th and the last), and the per-draw values; ``pl_acc``, ``pl_val_acc`` and
+    ``pl_curve`` are the first budget's (the headline figures)."""
     c = exp.config
     per_budget = {}
     runs = []
@@ -548,14 +556,18 @@ def piggyback_learning(exp: Experiment, model: str, variables: dict) -> dict:
         per_budget[str(shots)] = {
             "acc": float(np.mean([d["acc"] for d in draws])),
             "accs": [d["acc"] for d in draws],
+            "val_acc": float(np.mean([d["val_acc"] for d in draws])),
             "curve": np.mean(curves, axis=0).tolist() if curves and curves[0] else [],
             "curves": curves,
         }
     first = next(iter(per_budget.values()))
     halted = [r["halted_at"] for r in runs if r.get("halted_at") is not None]
+    every, epochs = c.piggyback.curve_every, c.piggyback.epochs
     return {
         "pl": per_budget,
+        "pl_curve_epochs": sorted({*range(every, epochs + 1, every), epochs}),
         "pl_acc": first["acc"],
+        "pl_val_acc": first["val_acc"],
         "pl_curve": first["curve"],
         "halted_at": halted[0] if halted else None,
         "seconds": float(sum(r.get("seconds", 0.0) for r in runs)),

@@ -161,6 +161,7 @@ def test_pipeline_end_to_end_and_stage_reuse(tmp_path, monkeypatch):
     assert not any(desc.startswith(("piggyback tl", "piggyback random_init", "disposal rtf")) for desc in ran)
 
 
+@pytest.mark.slow
 def test_divergence_is_caught_recorded_and_metrics_stay_finite(tmp_path):
     from dtl_jax.config import DisposalConfig, OptimConfig
 
@@ -181,6 +182,7 @@ def test_divergence_is_caught_recorded_and_metrics_stay_finite(tmp_path):
     assert saved["disposal"]["gc"]["diverged"] is True
 
 
+@pytest.mark.slow
 def test_same_seed_twice_is_bit_identical(tmp_path):
     config = tiny_config(disposal=dataclasses.replace(tiny_config().disposal, methods=("gc", "rtf")))
     first = dtl.run(config, tmp_path / "a", quiet=True)
@@ -189,3 +191,22 @@ def test_same_seed_twice_is_bit_identical(tmp_path):
     strip = lambda d: {m: {k: v for k, v in r.items() if k != "seconds"} for m, r in d["disposal"].items()}  # noqa: E731
     assert strip(first) == strip(second)
     assert first["versions"]["dtl_jax"] and first["config"]["seed"] == 0
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["run", "--set", "pretrain.learning_rate=nan"],
+        ["run", "--set", "disposal.optim.learning_rate=inf"],
+        ["run", "--set", "eval.batch_size=0"],
+        ["run", "--set", "disposal.max_grad_norm=-1"],
+        ["run", "--set", "disposal.gc_lambda=-5"],
+        ["run", "--set", "data.val_fraction=0"],
+        ["unlearn", "--forget-fraction", "0"],
+        ["run", "--seeds", "4-1"],
+    ],
+)
+def test_bad_values_exit_2_with_one_line_before_any_work(capsys, tmp_path, argv):
+    line = _error_line(capsys, [*argv, "--workdir", str(tmp_path / "w"), "--quiet"])
+    assert "=" in line or "--" in line
+    assert not (tmp_path / "w").exists()  # refused before the workdir was claimed

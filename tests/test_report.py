@@ -32,6 +32,7 @@ def _rows(page: str) -> dict[str, list[str]]:
     }
 
 
+@pytest.mark.slow
 def test_dtl_report_embeds_every_plot_and_the_exact_numbers(dtl_workdir):
     page = report.write_report(dtl_workdir).read_text()
     for name in ("pl_curves", "tradeoff", "training_curves"):
@@ -51,6 +52,7 @@ def test_report_of_a_workdir_without_results_is_a_user_error(tmp_path):
         report.write_report(tmp_path)
 
 
+@pytest.mark.slow
 def test_report_renders_in_headless_chromium_with_every_image(dtl_workdir, tmp_path):
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:

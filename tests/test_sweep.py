@@ -6,6 +6,7 @@ from conftest import tiny_config
 from dtl_jax import stages, sweep
 
 
+@pytest.mark.slow
 def test_sweep_runs_the_grid_and_reuses_pretraining(tmp_path, monkeypatch):
     ran = []
     original = stages.run_steps

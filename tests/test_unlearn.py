@@ -191,6 +191,7 @@ def test_each_method_runs_and_changes_the_model(trained, name):
     assert _forget_acc(network, out, scenario.retain) > 0.3  # still a classifier
 
 
+@pytest.mark.slow
 def test_unlearn_command_end_to_end(tmp_path, monkeypatch, capsys):
     from dtl_jax.unlearn import runner
 

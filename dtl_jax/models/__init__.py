@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dtl_jax.config import ModelConfig, UserError
+from dtl_jax.config import MODELS, ModelConfig
+from dtl_jax.errors import UserError
 from dtl_jax.models.backbones import CNN, MLP, ResNet18
 
 __all__ = ["Network", "build", "init_head"]
@@ -56,17 +58,19 @@ class Network:
         return self.backbone.apply(backbone_vars, images, train=train), variables["batch_stats"]
 
     def apply(self, variables: dict, images: jax.Array, *, head: str, train: bool):
+        chex.assert_rank(images, 4)  # [B, H, W, C]: checked once, when traced
         features, batch_stats = self.features(variables, images, train=train)
         return apply_head(variables["params"]["heads"][head], features), features, batch_stats
 
 
 def build(config: ModelConfig) -> Network:
+    """The network ``config`` describes (validated by ``dtl_jax.config.validate``)."""
     if config.name == "mlp":
         return Network(MLP(tuple(config.widths)))
     if config.name == "cnn":
         return Network(CNN(tuple(config.widths), config.batch_norm))
     if config.name == "resnet18":
         if len(config.widths) != 4:
-            raise UserError(f"model.widths={config.widths}: resnet18 needs 4 stage widths, e.g. 64,128,256,512")
+            raise UserError(f"a ResNet-18 has 4 stages: got widths {config.widths}, expected 4 (e.g. 64,128,256,512)")
         return Network(ResNet18(tuple(config.widths)))
-    raise UserError(f"unknown model {config.name!r}: expected one of mlp, cnn, resnet18")
+    raise UserError(f"unknown model {config.name!r}: expected one of {', '.join(MODELS)}")
