@@ -363,3 +363,17 @@ def test_unlearning_optimiser_applies_weight_decay(trained):
     params = {"w": jnp.ones(3)}
     updates, _ = tx.update({"w": jnp.zeros(3)}, tx.init(params), params)
     np.testing.assert_allclose(updates["w"], -0.01 * 5e-4 * np.ones(3), rtol=1e-6)  # -lr · wd · θ at zero gradient
+
+
+def test_mia_members_are_a_seeded_mix_of_a_class_sorted_retain_set():
+    labels = np.repeat(np.arange(10), 100)  # stored class by class, like the embedded and folder datasets
+    order = metrics.member_order(1000, seed=0)
+    assert set(labels[order[:200]]) == set(range(10))  # the first 200 of labels itself: classes 0 and 1 only
+    np.testing.assert_array_equal(order, metrics.member_order(1000, seed=0))
+    assert not np.array_equal(order, metrics.member_order(1000, seed=1))
+    rng = np.random.default_rng(0)
+    outputs = {k: (rng.normal(size=(n, 10)), rng.normal(size=(n, 4)), rng.integers(0, 10, n))
+               for k, n in (("forget", 50), ("retain", 1000), ("test", 200))}  # fmt: skip
+    conf = {k: metrics.confidence(v[0], v[2]) for k, v in outputs.items()}
+    expected = metrics.mia_efficacy(conf["retain"][order], conf["test"], conf["forget"])
+    assert metrics.unlearning_metrics(outputs, seed=0)["mia_efficacy"] == expected

@@ -2,7 +2,8 @@
 
 Conventions: every metric is a fraction in [0, 1]. Members are retain examples, non-members test
 examples. MIA-efficacy follows its reference exactly (OPTML-Group ``evaluation/SVC_MIA.py`` as called by
-``main_forget.py``): the first ``len(test)`` retain examples against the whole test set, no sampling. The
+``main_forget.py``): the first ``len(test)`` retain examples against the whole test set, no sampling
+(``unlearning_metrics`` hands it the retain set in a seeded order: see ``member_order``). The
 representation and loss-threshold attacks are fitted on a balanced sample of both groups (the larger one
 subsampled to at most 5,000, seeded) and then applied to the forget set.
 """
@@ -14,6 +15,7 @@ from sklearn.neighbors import KNeighborsClassifier
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 
+from dtl_jax import seeds
 from dtl_jax.evaluate import per_example_loss
 
 
@@ -84,17 +86,27 @@ def gap_to_oracle(row: dict, oracle: dict) -> float:
     return float(np.mean([abs(row[k] - oracle[k]) for k in ("ua", "ra", "ta", "mia_efficacy")]))
 
 
+def member_order(num_retain: int, seed: int) -> np.ndarray:
+    """The order in which MIA-efficacy reads the retain set (it takes the first ``len(test)``): a
+    permutation fixed by the run's seed (its own stream), the same for every method of a run. The
+    reference takes the first ``n_test`` of CIFAR-10's stored training order, which mixes the classes;
+    our retain sets are stored class by class (the embedded and image-folder datasets), where the first
+    ``n_test`` would be the first few classes only."""
+    return seeds.rng(seed, "unlearn-mia-members").permutation(num_retain)
+
+
 def unlearning_metrics(outputs: dict, seed: int = 0) -> dict:
     """``outputs[split] = (logits, features, labels)`` for forget, retain, test. Returns UA, RA, TA,
     MIA-efficacy, representation MIA and loss-threshold MIA."""
     acc = {k: float(np.mean(np.argmax(v[0], -1) == v[2])) for k, v in outputs.items()}
     conf = {k: confidence(v[0], v[2]) for k, v in outputs.items()}
     loss = {k: per_example_loss(v[0], v[2]) for k, v in outputs.items()}
+    members = member_order(len(conf["retain"]), seed)
     return {
         "ua": 1.0 - acc["forget"],
         "ra": acc["retain"],
         "ta": acc["test"],
-        "mia_efficacy": mia_efficacy(conf["retain"], conf["test"], conf["forget"]),
+        "mia_efficacy": mia_efficacy(conf["retain"][members], conf["test"], conf["forget"]),
         "rep_mia": representation_mia(outputs["retain"][1], outputs["test"][1], outputs["forget"][1], seed),
         "loss_mia": loss_threshold_mia(loss["retain"], loss["forget"], loss["test"], seed),
     }
