@@ -10,8 +10,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from dtl_jax.config import UserError
 from dtl_jax.data.sources import ImageSplit
+from dtl_jax.errors import UserError
 
 Batch = dict[str, np.ndarray]
 
@@ -69,10 +69,7 @@ def class_chunked_batches(
     number of classes). Within a chunk, examples are drawn without replacement from a per-group shuffle."""
     classes = np.unique(split.labels)
     if num_chunks > len(classes):
-        raise UserError(
-            f"disposal.num_chunks={num_chunks} with chunking=by_class needs at least as many source classes; "
-            f"the source task has {len(classes)}"
-        )
+        raise UserError(f"{num_chunks} class chunks need at least {num_chunks} classes; the split has {len(classes)}")
     rng = np.random.default_rng(seed)
     per_chunk = batch_size // num_chunks
     groups = [np.flatnonzero(np.isin(split.labels, classes[k::num_chunks])) for k in range(num_chunks)]
