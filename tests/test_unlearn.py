@@ -101,7 +101,7 @@ def test_scenario_errors(changes, message):
 def test_cli_errors(capsys, tmp_path):
     for argv, expected in (
         (["--methods", "sure,nope"], "unlearn.methods='nope'"),
-        (["--forget-fraction", "1.2"], "--forget-fraction 1.2: expected a fraction in (0, 1)"),
+        (["--forget-fraction", "1.2"], "--forget-fraction=1.2: expected a number in (0, 1)"),
         (["--forget-class", "-1"], "unlearn.forget_class=-1"),
     ):
         code = cli.main(["unlearn", *argv, "--set", "data.image_size=8", "--workdir", str(tmp_path), "--quiet"])
