@@ -53,7 +53,7 @@ def test_validation(assignment, message):
 
 
 def test_config_files_load_and_validate():
-    for name in ("default", "digits", "cifar10_split", "paper_resnet18", "unlearn_cifar10", "unlearn_paper_resnet18"):
+    for name in C.named_configs():
         assert isinstance(C.validate(C.load(name)), C.Config)
     assert C.load("default") == C.Config()
 

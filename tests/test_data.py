@@ -107,7 +107,7 @@ def test_class_chunked_batches_put_one_class_in_each_chunk():
     grouped = pipeline.class_chunked_batches(split, 20, 2, seed=0, mean=0.0, std=1.0, flip=False)
     chunks = next(grouped)["label"].reshape(2, 10)
     assert set(chunks[0]) <= {0, 2, 4} and set(chunks[1]) <= {1, 3}
-    with pytest.raises(UserError, match="num_chunks=6"):
+    with pytest.raises(UserError, match="6 class chunks need at least 6 classes"):
         next(pipeline.class_chunked_batches(split, 60, 6, seed=0, mean=0.0, std=1.0, flip=False))
 
 
