@@ -9,8 +9,8 @@ GC (METHODS.md §1.1) over ``K`` contiguous chunks of the same batch. Variants o
 - ``linearize``: ``gc_loss(..., hvp="linearize")``, linearisations kept from the forward pass;
 - ``low-memory``: ``gc_loss(..., low_memory=True)``, chunks visited one after another, each chunk gradient
   recomputed in the backward pass (``benchmarks/memory.py`` measures what it saves);
-- ``sharded``: ``dtl_jax.gc.sharded_collision`` under ``jax.shard_map`` on one device (the path the
-  disposal step takes);
+- ``sharded``: ``gc_loss(..., axis_name="data")`` under ``jax.shard_map`` on one device, the gradient
+  taken with respect to device-varying parameters and summed (the path the disposal step takes);
 - ``vmap``: chunk gradients and HVPs ``jax.vmap``-ed over the chunk axis (no custom rule);
 - ``scan``: the same with ``jax.lax.scan`` over chunks;
 - ``rev-rev``: ``jax.grad`` of the definition (reverse-over-reverse through the chunk gradients).
@@ -42,7 +42,7 @@ from jax.sharding import PartitionSpec as P
 
 from dtl_jax import losses
 from dtl_jax.config import ModelConfig
-from dtl_jax.gc import gc_loss, pairwise_collision, sharded_collision, split_chunks
+from dtl_jax.gc import gc_loss, pairwise_collision, split_chunks
 from dtl_jax.models import build
 
 VARIANTS = ("jvp", "linearize", "low-memory", "sharded", "vmap", "scan", "rev-rev")
@@ -93,7 +93,8 @@ def gradient_fns(ce, num_chunks):
 
     def sharded(params, batch):
         def local(p, b):
-            _, share = sharded_collision(ce, p, b, num_chunks, "data")
+            varying = jax.lax.pcast(p, "data", to="varying")  # this device's share, summed below
+            share = jax.grad(lambda q: gc_loss(ce, q, b, num_chunks, axis_name="data"))(varying)
             return jax.lax.psum(share, "data")
 
         return jax.shard_map(local, mesh=mesh, in_specs=(P(), P("data")), out_specs=P())(params, batch)

@@ -18,6 +18,11 @@ No Hessian is materialised and nothing is differentiated reverse-over-reverse.
 
 Chunks are contiguous slices of the batch: chunk ``k`` is ``batch[k*B/K:(k+1)*B/K]``. Arrange the batch
 accordingly (e.g. ``by_class`` chunking sorts examples so that each chunk holds one class).
+
+One function, ``gc_loss``, serves one device and many: with ``axis_name`` it runs inside ``jax.shard_map``
+with the chunks (and, optionally, each chunk's examples) spread over mesh axes; the direction and HVP loops
+below are the same code for both, the only difference being where the collectives sit (``_chunk_grads``,
+``_over_chunks``, ``_part_share``).
 """
 
 from __future__ import annotations
@@ -32,14 +37,14 @@ import numpy as np
 
 PyTree = Any
 LossFn = Callable[[PyTree, PyTree], jax.Array]
+AxisName = str | tuple[str | None, str] | None
 
-__all__ = ["gc_loss", "sharded_collision", "split_chunks", "pairwise_collision"]
+__all__ = ["gc_loss", "split_chunks", "pairwise_collision", "HVP_MODES"]
+
+HVP_MODES = ("jvp", "linearize")
 
 
-def split_chunks(batch: PyTree, num_chunks: int) -> PyTree:
-    """Reshapes every leaf ``[B, ...]`` of ``batch`` to ``[K, B/K, ...]`` (contiguous chunks)."""
-    if num_chunks < 2:
-        raise ValueError(f"num_chunks={num_chunks}: GC needs at least 2 chunks")
+def _reshape_chunks(batch: PyTree, num_chunks: int) -> PyTree:
     leaves = jax.tree.leaves(batch)
     if not leaves:
         raise ValueError("batch is empty: GC needs a pytree with at least one array leaf")
@@ -55,18 +60,32 @@ def split_chunks(batch: PyTree, num_chunks: int) -> PyTree:
     return jax.tree.map(reshape, batch)
 
 
+def split_chunks(batch: PyTree, num_chunks: int) -> PyTree:
+    """Reshapes every leaf ``[B, ...]`` of ``batch`` to ``[K, B/K, ...]`` (contiguous chunks)."""
+    if num_chunks < 2:
+        raise ValueError(f"num_chunks={num_chunks}: GC needs at least 2 chunks")
+    return _reshape_chunks(batch, num_chunks)
+
+
+def _leaf_vdot(x: jax.Array, y: jax.Array) -> jax.Array:
+    """``<x, y>``, accumulated in at least float32 (a bfloat16 sum of 10⁵ products is mostly rounding)."""
+    if jnp.issubdtype(x.dtype, jnp.floating) and jnp.finfo(x.dtype).bits < 32:
+        return jnp.vdot(x, y, preferred_element_type=jnp.float32)
+    return jnp.vdot(x, y)
+
+
 def _vdot(a: PyTree, b: PyTree) -> jax.Array:
-    return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+    return sum(_leaf_vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
 
 
 def _scale(tree: PyTree, factor: jax.Array) -> PyTree:
-    return jax.tree.map(lambda x: x * factor, tree)
+    return jax.tree.map(lambda x: x * jnp.asarray(factor).astype(x.dtype), tree)
 
 
 def pairwise_collision(grads: list[PyTree], normalized: bool = False, eps: float = 1e-12) -> jax.Array:
     """``φ(g_1..g_K)``: mean pairwise inner product (GC) or cosine (NGC) of the chunk gradients.
 
-    This is the reference definition; ``gc_loss`` differentiates it to get the HVP directions.
+    This is the reference definition (tests differentiate it to check ``gc_loss``'s HVP directions).
     """
     k = len(grads)
     if normalized:
@@ -79,17 +98,8 @@ def pairwise_collision(grads: list[PyTree], normalized: bool = False, eps: float
 def _zero_cotangent(x):
     x = jnp.asarray(x)
     if jnp.issubdtype(x.dtype, jnp.inexact):
-        return jnp.zeros_like(x)
+        return jnp.zeros_like(x)  # keeps x's device-variance inside shard_map
     return np.zeros(x.shape, dtype=jax.dtypes.float0)
-
-
-HVP_MODES = ("jvp", "linearize")
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
-def _collision(loss_fn, normalized, eps, hvp, low_memory, params, chunks, consts):
-    value, _ = _collision_fwd(loss_fn, normalized, eps, hvp, low_memory, params, chunks, consts)
-    return value
 
 
 def _chunk(chunks, k):
@@ -98,6 +108,63 @@ def _chunk(chunks, k):
 
 def _sum(trees):
     return jax.tree.map(lambda *xs: sum(xs), *trees)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Where the collectives sit. ``axes = (chunk_axis, example_axis)``, either ``None`` (not sharded).
+
+
+def _chunk_grads(partials: list[PyTree], axes) -> list[PyTree]:
+    """The chunk gradients ``g_k`` from this device's parts: the mean over the example axis (one
+    all-reduce of all local chunks' gradients together). Identity without an example axis."""
+    example = axes[1]
+    if example is None:
+        return partials
+    grads = jax.lax.psum(partials, example)
+    size = jax.lax.axis_size(example)
+    return grads if size == 1 else [jax.tree.map(lambda g: g / size, tree) for tree in grads]
+
+
+def _over_chunks(tree: PyTree, axes) -> PyTree:
+    """The sum over all chunks of per-device sums (``G`` or ``U``, ``Σ||u_k||²``): a ``psum`` over the chunk
+    axis. Identity without one."""
+    return tree if axes[0] is None else jax.lax.psum(tree, axes[0])
+
+
+def _part_share(tree: PyTree, axes) -> PyTree:
+    """``H_k = (1/e) Σ_j H_{k,j}`` over the ``e`` example parts: this device's share of ``Σ_k H_k v_k``."""
+    example = axes[1]
+    if example is None or jax.lax.axis_size(example) == 1:
+        return tree
+    size = jax.lax.axis_size(example)
+    return jax.tree.map(lambda x: x / size, tree)
+
+
+def _varying_axes(x) -> frozenset:
+    aval = jax.typeof(x)
+    manual = getattr(aval, "manual_axis_type", None)
+    return frozenset(manual.varying) if manual is not None else frozenset(getattr(aval, "vma", ()))
+
+
+def _cast(x, names):
+    missing = tuple(a for a in names if a not in _varying_axes(x))
+    return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+
+def _vary(tree: PyTree, names: tuple[str, ...]) -> PyTree:
+    """Marks ``tree`` device-varying over ``names`` (``jax.lax.pcast``) where it is not already, so that
+    ``jax.grad`` inside ``shard_map`` returns this device's share instead of inserting a ``psum``."""
+    return jax.tree.map(lambda x: _cast(x, names), tree)
+
+
+def _like(tree: PyTree, reference: PyTree) -> PyTree:
+    """``tree`` device-varying wherever ``reference`` is (a tangent must vary like its primal: a direction
+    built from all-reduced gradients is invariant over the axes they were summed over)."""
+    return jax.tree.map(lambda x, r: _cast(x, tuple(_varying_axes(r))), tree, reference)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The chunk loops, written once.
 
 
 def _units(grads, normalized, eps):
@@ -115,19 +182,15 @@ def _direction(total, unit, norm, num_chunks, normalized):
     return _tangent_projection(direction, unit, norm) if normalized else direction
 
 
-def _hvp(grad_fn, params, chunk, consts, direction):
-    """``H v`` forward-over-reverse: the tangent output of ``jax.jvp`` of the chunk gradient."""
-    return jax.jvp(lambda p: grad_fn(p, chunk, *consts), (params,), (direction,))[1]
-
-
 def _tangent_projection(direction, unit, norm):
     """``(I - u uᵀ) w / n``: the chain rule through ``u = g / n``."""
     along = _vdot(unit, direction)
-    return jax.tree.map(lambda w, u: (w - u * along) / norm, direction, unit)
+    return jax.tree.map(lambda w, u: (w - u * along.astype(w.dtype)) / norm.astype(w.dtype), direction, unit)
 
 
-def _linearized_grad(grad_fn, params, chunk, consts):
-    return jax.linearize(lambda p: grad_fn(p, chunk, *consts), params)
+def _hvp(grad_fn, params, chunk, consts, direction):
+    """``H v`` forward-over-reverse: the tangent output of ``jax.jvp`` of the chunk gradient."""
+    return jax.jvp(lambda p: grad_fn(p, chunk, *consts), (params,), (_like(direction, params),))[1]
 
 
 def _after(carry, params, chunk):
@@ -154,74 +217,105 @@ def _after(carry, params, chunk):
     return jax.tree.map(add, params), chunk
 
 
-def _streamed_sums(grad_fn, params, chunks, consts, normalized, eps):
-    """``(Σ_k u_k, Σ_k ||u_k||², [n_k])`` for ``low_memory``: one chunk gradient alive at a time."""
-    num_chunks = jax.tree.leaves(chunks)[0].shape[0]
+def _streamed_sums(grad_fn, params, chunks, consts, normalized, eps, axes):
+    """``(Σ_k u_k, Σ_k ||u_k||², [n_k])`` over this device's chunks for ``low_memory``: one chunk gradient
+    alive at a time (with an example axis, each ``g_k`` is all-reduced on its own)."""
     total, squares, norms = None, 0.0, []
-    for k in range(num_chunks):
+    for k in range(jax.tree.leaves(chunks)[0].shape[0]):
         current, chunk = (params, _chunk(chunks, k)) if total is None else _after(total, params, _chunk(chunks, k))
-        [unit], [norm] = _units([grad_fn(current, chunk, *consts)], normalized, eps)
+        [grad] = _chunk_grads([grad_fn(current, chunk, *consts)], axes)
+        [unit], [norm] = _units([grad], normalized, eps)
         total = unit if total is None else jax.tree.map(jnp.add, total, unit)
         squares = squares + _vdot(unit, unit)
         norms.append(jnp.asarray(norm))
     return total, squares, jnp.stack(norms)
 
 
-def _streamed_hvps(grad_fn, params, chunks, consts, total, norms, num_chunks, normalized):
+def _streamed_hvps(grad_fn, params, chunks, consts, total, norms, num_chunks, normalized, axes):
     """``Σ_k H_k v_k`` for ``low_memory``: chunk by chunk, ``g_k`` is recomputed (and shared with the primal
     of its ``jax.jvp``), ``v_k`` formed from it and ``G`` (``U``), and ``H_k v_k`` added to the running sum."""
     result = None
     for k in range(norms.shape[0]):
         current, chunk = _after(total if result is None else result, params, _chunk(chunks, k))
         chunk_grad = lambda p, chunk=chunk: grad_fn(p, chunk, *consts)  # noqa: E731
-        unit = chunk_grad(current)
+        [unit] = _chunk_grads([chunk_grad(current)], axes)
         if normalized:
             unit = _scale(unit, 1.0 / norms[k])
         direction = _direction(total, unit, norms[k], num_chunks, normalized)
-        product = jax.jvp(chunk_grad, (current,), (direction,))[1]
+        product = jax.jvp(chunk_grad, (current,), (_like(direction, current),))[1]
         result = product if result is None else jax.tree.map(jnp.add, result, product)
     return result
 
 
-def _collision_fwd(loss_fn, normalized, eps, hvp, low_memory, params, chunks, consts):
+def _value(total, squares, num_chunks, params):
+    value = (_vdot(total, total) - squares) / (num_chunks * (num_chunks - 1))
+    return value.astype(jnp.result_type(*jax.tree.leaves(params)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4, 5, 6))
+def _collision(loss_fn, normalized, eps, hvp, low_memory, num_chunks, axes, params, chunks, consts):
+    value, _ = _collision_fwd(loss_fn, normalized, eps, hvp, low_memory, num_chunks, axes, params, chunks, consts)
+    return value
+
+
+def _collision_fwd(loss_fn, normalized, eps, hvp, low_memory, num_chunks, axes, params, chunks, consts):
     grad_fn = jax.grad(loss_fn)
-    num_chunks = jax.tree.leaves(chunks)[0].shape[0]
+    local = jax.tree.leaves(chunks)[0].shape[0]
     if low_memory:  # keep only G (U) and the norms; the backward pass recomputes every g_k
-        total, squares, norms = _streamed_sums(grad_fn, params, chunks, consts, normalized, eps)
-        value = (_vdot(total, total) - squares) / (num_chunks * (num_chunks - 1))
-        return value, (params, chunks, consts, (total, norms))
+        local_total, squares, norms = _streamed_sums(grad_fn, params, chunks, consts, normalized, eps, axes)
+        total, squares = _over_chunks((local_total, squares), axes)
+        return _value(total, squares, num_chunks, params), (params, chunks, consts, (total, norms))
     if hvp == "linearize":
         # g_k and the linear map v -> H_k v from one forward-over-reverse pass; the map's residuals
         # (activations and their tangents' coefficients) are kept for the backward pass.
-        pairs = [_linearized_grad(grad_fn, params, _chunk(chunks, k), consts) for k in range(num_chunks)]
-        grads, residual = [g for g, _ in pairs], [lin for _, lin in pairs]
+        pairs = [jax.linearize(lambda p, k=k: grad_fn(p, _chunk(chunks, k), *consts), params) for k in range(local)]
+        partials, residual = [g for g, _ in pairs], (params, [lin for _, lin in pairs])
     else:  # "jvp": keep the inputs, recompute the gradient inside the backward pass's jvp
-        grads = [grad_fn(params, _chunk(chunks, k), *consts) for k in range(num_chunks)]
+        partials = [grad_fn(params, _chunk(chunks, k), *consts) for k in range(local)]
         residual = params
-    value, directions = jax.value_and_grad(pairwise_collision)(grads, normalized, eps)
-    return value, (residual, chunks, consts, directions)
+    grads = _chunk_grads(partials, axes)
+    units, norms = _units(grads, normalized, eps)
+    total, squares = _over_chunks((_sum(units), sum(_vdot(u, u) for u in units)), axes)
+    directions = [_direction(total, u, n, num_chunks, normalized) for u, n in zip(units, norms, strict=True)]
+    return _value(total, squares, num_chunks, params), (residual, chunks, consts, directions)
 
 
-def _collision_bwd(loss_fn, normalized, eps, hvp, low_memory, residuals, cotangent):
+def _collision_bwd(loss_fn, normalized, eps, hvp, low_memory, num_chunks, axes, residuals, cotangent):
     del eps
     residual, chunks, consts, saved = residuals  # saved: the directions v_k, or (G or U, norms) if low_memory
     grad_fn = jax.grad(loss_fn)
     if low_memory:
         total_units, norms = saved
-        total = _streamed_hvps(grad_fn, residual, chunks, consts, total_units, norms, norms.shape[0], normalized)
+        total = _streamed_hvps(grad_fn, residual, chunks, consts, total_units, norms, num_chunks, normalized, axes)
     else:
         total = None
         for k, direction in enumerate(saved):
             if hvp == "linearize":
-                product = residual[k](direction)
+                product = residual[1][k](_like(direction, residual[0]))
             else:
                 product = _hvp(grad_fn, residual, _chunk(chunks, k), consts, direction)
             total = product if total is None else jax.tree.map(jnp.add, total, product)
+    total = _part_share(total, axes)
     params_ct = jax.tree.map(lambda h: (cotangent * h).astype(h.dtype), total)
     return params_ct, jax.tree.map(_zero_cotangent, chunks), jax.tree.map(_zero_cotangent, consts)
 
 
 _collision.defvjp(_collision_fwd, _collision_bwd)
+
+
+def _parse_axes(axis_name: AxisName) -> tuple[str | None, str | None]:
+    if axis_name is None:
+        return None, None
+    if isinstance(axis_name, str):
+        return axis_name, None
+    if (
+        len(axis_name) == 2
+        and isinstance(axis_name[1], str)
+        and (axis_name[0] is None or isinstance(axis_name[0], str))
+        and axis_name[0] != axis_name[1]
+    ):
+        return axis_name[0], axis_name[1]
+    raise ValueError(f"axis_name={axis_name!r}: expected None, an axis name, or (chunk_axis or None, example_axis)")
 
 
 def gc_loss(
@@ -234,6 +328,7 @@ def gc_loss(
     eps: float = 1e-12,
     hvp: str = "jvp",
     low_memory: bool = False,
+    axis_name: AxisName = None,
 ) -> jax.Array:
     """Gradient Collision loss (METHODS.md §1.1); NGC with ``normalized=True``.
 
@@ -243,8 +338,8 @@ def gc_loss(
       params: the parameters that enter the chunk gradients ``g_k``; ``jax.grad`` of the result is
         taken with respect to them.
       batch: a pytree of arrays with a common leading batch axis ``B``, divisible by ``num_chunks``.
-        Chunk ``k`` is the contiguous slice ``[k*B/K, (k+1)*B/K)``.
-      num_chunks: ``K ≥ 2``.
+        Chunk ``k`` is the contiguous slice ``[k*B/K, (k+1)*B/K)``. (Sharded: this device's part, below.)
+      num_chunks: ``K ≥ 2``, the number of chunks of the whole (global) batch.
       normalized: ``False`` for GC (mean pairwise inner product of chunk gradients), ``True`` for NGC
         (mean pairwise cosine).
       eps: NGC's guard, ``u_k = g_k / sqrt(||g_k||² + eps)``; unused by GC.
@@ -262,10 +357,40 @@ def gc_loss(
         (``benchmarks/memory.py``, K = 4: MLP 8.1x → 3.4x a plain step, small CNN 2.35x → 0.63x,
         ResNet-18 2.63x → 0.92x); the time rises by ``K`` chunk gradients (1.2x the default for the
         small CNN, 1.45-1.65x for the MLP). ``hvp`` is ignored (always ``"jvp"``).
+      axis_name: ``None`` (one device), or, inside ``jax.shard_map``, where the chunks live:
+
+        * ``"chunks"``: the chunks are spread over that mesh axis of size ``c`` (``c`` divides ``K``);
+          ``batch`` is this device's ``K/c`` consecutive whole chunks (device ``i`` holds chunks
+          ``i·K/c .. (i+1)·K/c - 1``).
+        * ``("chunks", "examples")``: a 2-D layout for any device count: chunks over the first axis
+          (size ``c``, dividing ``K``), each chunk's examples over the second (size ``e``). ``batch`` is
+          device ``(i, j)``'s part: for each of its ``K/c`` chunks in order, the ``j``-th of ``e``
+          equal parts of that chunk's examples. ``loss_fn`` is the mean over a part; a chunk's loss is
+          the mean of its ``e`` parts' losses (equal weights: a caller that pads uneven parts must
+          weight its examples so that this holds). ``(None, "examples")``: every device holds a part of
+          every chunk (``c = 1``).
+
+        Leave axes of size 1 out of the mesh (``dtl_jax.train.mesh.ChunkLayout.axes``): XLA keeps an
+        all-reduce over a size-1 axis of a multi-device mesh.
+
+        Communication (parameter-size all-reduces, ``P`` = the size of ``params``): with ``e = 1``, one
+        of ``P`` (``G``, or ``U``, over the chunk axis); with ``e > 1``, one of ``(K/c)·P`` (the local
+        chunks' gradients, summed over the example axis; ``low_memory``: ``K/c`` of ``P`` in the forward
+        pass and again in the backward pass, which recomputes them) and, if ``c > 1``, one of ``P``
+        (``G`` over the chunk axis). Scalars (``Σ||u_k||²``) ride along. The backward pass communicates
+        nothing: see Returns.
 
     Returns:
-      A scalar. ``jax.grad`` of it costs ``K`` chunk gradients plus ``K`` forward-over-reverse
-      Hessian-vector products and never forms a Hessian. Works under ``jax.jit``; cannot itself be
+      A scalar of ``params``' dtype (float32 sums for narrower types): GC of the whole batch (sharded: of
+      the global batch, the same on every device). ``jax.grad`` of it costs ``K`` chunk gradients plus
+      ``K`` forward-over-reverse Hessian-vector products and never forms a Hessian. Sharded, the
+      gradient with respect to *device-varying* parameters (``jax.lax.pcast(params, axes,
+      to="varying")``) is this device's share of ``∇GC``, whose ``psum`` over all devices is ``∇GC``:
+      a train step fuses that sum with its other gradients into one all-reduce. With replicated
+      parameters JAX inserts that ``psum`` itself and the gradient is ``∇GC``. A per-device objective
+      that adds GC to device-varying terms (each device's share of a data loss) must add ``GC / N`` on
+      each of the ``N`` devices: JAX sums the cotangent of a device-invariant value over the devices
+      (``dtl_jax.train.steps.disposal_step`` does this). Works under ``jax.jit``; cannot itself be
       ``jax.jvp``'d (it is a ``custom_vjp``).
 
     >>> import jax.numpy as jnp
@@ -276,60 +401,18 @@ def gc_loss(
     """
     if hvp not in HVP_MODES:
         raise ValueError(f"hvp={hvp!r}: expected one of {', '.join(HVP_MODES)}")
-    chunks = split_chunks(batch, num_chunks)
-    closed, consts = jax.closure_convert(loss_fn, params, _chunk(chunks, 0))
-    return _collision(closed, bool(normalized), float(eps), hvp, bool(low_memory), params, chunks, tuple(consts))
-
-
-def sharded_collision(
-    loss_fn: LossFn,
-    params: PyTree,
-    local_batch: PyTree,
-    num_chunks: int,
-    axis_name: str,
-    *,
-    normalized: bool = False,
-    eps: float = 1e-12,
-    low_memory: bool = False,
-) -> tuple[jax.Array, PyTree]:
-    """GC / NGC with chunks spread over the devices of a ``shard_map`` axis (METHODS.md §1.1, Distributed).
-
-    Call inside ``jax.shard_map`` over ``axis_name``, with ``params`` replicated and ``local_batch`` this
-    device's contiguous share of the batch: ``num_chunks / N`` chunks for ``N`` devices (device ``d`` holds
-    chunks ``d·K/N .. (d+1)·K/N - 1`` of the single-device layout).
-
-    Each device computes its chunk gradients; **one all-reduce** of parameter size forms ``G = Σ_k g_k``
-    (``U = Σ_k u_k`` for NGC; plus one scalar all-reduce); each device then computes its local HVPs.
-
-    Returns ``(value, local_hvp)``: ``value`` is GC (NGC), equal on every device; ``local_hvp`` is
-    ``Σ_{local k} H_k v_k``, this device's share of ``∇GC``. The caller sums it over the axis: that is the
-    **second all-reduce**, which a train step fuses with its other gradients (``psum`` of
-    ``retain_grad / N + λ · local_hvp``), so a sharded disposal step has exactly two parameter-size
-    all-reduces. Gradients here are local: ``params`` is cast to device-varying before differentiating,
-    so no implicit ``psum`` is inserted by ``jax.grad`` inside ``shard_map``. ``low_memory`` as in
-    ``gc_loss``: the local chunks are visited one after another and recomputed for their HVPs.
-    """
-    devices = jax.lax.axis_size(axis_name)
-    if num_chunks % devices:
-        raise ValueError(f"num_chunks={num_chunks} is not a multiple of the {devices} devices on axis {axis_name!r}")
-    local = num_chunks // devices
-    params = jax.lax.pcast(params, axis_name, to="varying")
-    chunks = split_chunks(local_batch, local) if local > 1 else jax.tree.map(lambda x: x[None], local_batch)
-    grad_fn = jax.grad(loss_fn)
-    if low_memory:
-        local_total, squares, norms = _streamed_sums(grad_fn, params, chunks, (), normalized, eps)
+    if num_chunks < 2:
+        raise ValueError(f"num_chunks={num_chunks}: GC needs at least 2 chunks")
+    axes = _parse_axes(axis_name)
+    if axes[0] is None and axes[1] is None:
+        chunks = split_chunks(batch, num_chunks)
     else:
-        grads = [grad_fn(params, _chunk(chunks, k)) for k in range(local)]
-        units, norms = _units(grads, normalized, eps)
-        local_total, squares = _sum(units), sum(_vdot(u, u) for u in units)
-    total = jax.lax.psum(local_total, axis_name)  # all-reduce 1
-    squares = jax.lax.psum(squares, axis_name)
-    value = (_vdot(total, total) - squares) / (num_chunks * (num_chunks - 1))
-    if low_memory:
-        return value, _streamed_hvps(grad_fn, params, chunks, (), total, norms, num_chunks, normalized)
-    hvp = None
-    for k in range(local):
-        direction = _direction(total, units[k], norms[k], num_chunks, normalized)
-        product = _hvp(grad_fn, params, _chunk(chunks, k), (), direction)
-        hvp = product if hvp is None else jax.tree.map(jnp.add, hvp, product)
-    return value, hvp
+        chunk_devices = jax.lax.axis_size(axes[0]) if axes[0] is not None else 1
+        if num_chunks % chunk_devices:
+            raise ValueError(f"num_chunks={num_chunks} is not a multiple of the {chunk_devices} devices on {axes[0]!r}")
+        chunks = _reshape_chunks(batch, num_chunks // chunk_devices)
+        params = _vary(params, tuple(a for a in axes if a is not None))
+    closed, consts = jax.closure_convert(loss_fn, params, _chunk(chunks, 0))
+    return _collision(
+        closed, bool(normalized), float(eps), hvp, bool(low_memory), num_chunks, axes, params, chunks, tuple(consts)
+    )

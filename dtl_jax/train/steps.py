@@ -27,10 +27,9 @@ from jax.sharding import PartitionSpec as P
 
 from dtl_jax import losses
 from dtl_jax.config import DisposalConfig
-from dtl_jax.gc import sharded_collision
+from dtl_jax.gc import gc_loss
 from dtl_jax.models import Network
-
-AXIS = "data"
+from dtl_jax.train.mesh import AXIS, chunk_layout, padded_rows
 
 Step = Callable
 
@@ -139,86 +138,119 @@ def disposal_step(
 ) -> Step:
     """Knowledge disposal (METHODS.md §1): ``L_retain + λ · L_unlearn`` from the TL model.
 
-    ``method`` is the unlearning loss on the source batch (gc, ngc, rtf, utf, ga); ``config.retain``
-    the retaining loss (tgt_kd, src_kd, ce) with ``teacher`` the frozen TL model's variables.
+    ``method`` names the unlearning loss on the source batch (``losses.DISPOSAL_LOSSES``: gc, ngc, rtf,
+    utf, ga); ``config.retain`` the retaining loss (tgt_kd, src_kd, ce) with ``teacher`` the frozen TL
+    model's variables.
 
-    One code path for 1 and N devices: the step runs under ``jax.shard_map`` over the ``"data"`` axis of
-    ``mesh`` (default: the first device alone). Both batches are split along their leading axis over the
-    devices; for GC/NGC each device holds ``num_chunks / N`` contiguous chunks of the source batch
-    (``dtl_jax.gc.sharded_collision``), the parameters outside ``config.gc_params`` held constant. Per
-    step there are exactly two parameter-size all-reduces: ``G`` (or ``U``) inside GC, then one ``psum``
-    of every device's ``retain_grad / N + λ · local_hvp``. (For rtf/utf/ga: one, of the mean gradient.)
+    One code path for any number of devices: the step runs under ``jax.shard_map`` over the devices of
+    ``mesh`` (default: the first device alone), viewed as a ``c x e`` grid (``mesh.chunk_layout``): the
+    source batch's ``K`` chunks over ``c``, each chunk's examples over ``e``; the target batch split over
+    all of them. It takes both batches in their natural order, in any placement
+    (``mesh.place_disposal_batches`` gives one that moves no data), and lays them out itself; where a
+    split is uneven it pads with repeated examples weighted 0, so that every device count gives the
+    one-device result (up to float rounding; a BatchNorm model normalises over each device's part).
+    GC/NGC is ``gc_loss(..., axis_name=layout.axis_name)`` over the parameters in ``config.gc_params``
+    (the rest held constant). Parameter-size all-reduces per step: two where the device count divides
+    ``K`` (``G`` or ``U``, then one ``psum`` of every device's ``retain_grad / N + λ · share of ∇GC``);
+    otherwise ``ChunkLayout.all_reduces``. For rtf/utf/ga: one, of the mean gradient.
     """
-    lam = config.gc_lambda if method in ("gc", "ngc") else config.fooling_lambda
+    kind = losses.disposal_loss(method)
+    lam = config.gc_lambda if kind.collision else config.fooling_lambda
     mesh = mesh if mesh is not None else Mesh(np.array(jax.devices()[:1]), (AXIS,))
+    devices = mesh.devices.size
 
-    def local(params, batch_stats, source_batch, target_batch):
-        devices = jax.lax.axis_size(AXIS)
+    def local(layout, sizes, params, batch_stats, source_batch, target_batch):
+        n_source, n_target = sizes  # real examples in the global batches
+        grid_axes = layout.axes
+
+        def share(loss, mask, size, *args):
+            """This device's share of the global batch mean of ``loss``: its mean over the device's rows
+            divided by the device count or, with padding, its sum over the real rows divided by ``size``."""
+            if mask is None:
+                return loss(*args) / devices
+            values = jax.vmap(lambda *a: loss(*(x[None] for x in a)))(*args)
+            return jnp.sum(jnp.where(mask, values, 0.0)) / size
 
         def retain_loss(params):
-            inputs = source_batch["image"] if config.retain == "src_kd" else target_batch["image"]
+            src = config.retain == "src_kd"
+            batch, mask, size = (source_batch, source_mask, n_source) if src else (target_batch, target_mask, n_target)
             variables = {"params": params, "batch_stats": batch_stats}
-            logits, _, stats = network.apply(variables, inputs, head="target", train=True)
+            logits, _, stats = network.apply(variables, batch["image"], head="target", train=True)
             if config.retain == "ce":
-                return losses.cross_entropy(logits, target_batch["label"]), stats
-            teacher_logits, _, _ = network.apply(teacher, inputs, head="target", train=False)
-            return losses.distillation(logits, teacher_logits, config.temperature), stats
+                return share(losses.cross_entropy, mask, size, logits, batch["label"]), stats
+            teacher_logits, _, _ = network.apply(teacher, batch["image"], head="target", train=False)
+            kd = lambda s, t: losses.distillation(s, t, config.temperature)  # noqa: E731
+            return share(kd, mask, size, logits, teacher_logits), stats
 
         def fooling_loss(params):
             variables = {"params": params, "batch_stats": batch_stats}
             logits, _, _ = network.apply(variables, source_batch["image"], head="source", train=True)
-            if method == "rtf":  # the wrong labels were drawn for the whole batch (device-count invariant)
-                return losses.cross_entropy(logits, source_batch["fool_label"])
-            if method == "utf":
-                return losses.uniform_target_fooling(logits)
-            return losses.gradient_ascent(logits, source_batch["label"])
+            labels = source_batch["fool_label" if kind.wrong_labels else "label"]
+            return share(kind.fooling, source_mask, n_source, logits, labels)
 
-        varying = jax.lax.pcast(params, AXIS, to="varying")  # local gradients: no implicit psum
-        (retain, stats), retain_grads = jax.value_and_grad(retain_loss, has_aux=True)(varying)
-        if method in ("gc", "ngc"):
-            gc_part, rest = split_gc_params(params, config.gc_params)
-
-            def chunk_loss(p, chunk):
-                variables = {"params": merge_params(p, rest), "batch_stats": batch_stats}
-                logits, _, _ = network.apply(variables, chunk["image"], head="source", train=True)
+        def chunk_loss(p, rest, chunk):
+            """A chunk part's loss: the mean over its examples or, padded, ``e/m`` times their real sum, so
+            that the mean over the ``e`` parts is the chunk's mean loss either way."""
+            variables = {"params": merge_params(p, rest), "batch_stats": batch_stats}
+            logits, _, _ = network.apply(variables, chunk["image"], head="source", train=True)
+            if "mask" not in chunk:
                 return losses.cross_entropy(logits, chunk["label"])
+            values = jnp.where(chunk["mask"], losses.per_example_cross_entropy(logits, chunk["label"]), 0.0)
+            return jnp.sum(values) * (layout.example_devices / layout.chunk_size)
 
-            chunks = {"image": source_batch["image"], "label": source_batch["label"]}
-            unlearn, hvp = sharded_collision(
-                chunk_loss,
+        def objective(params):
+            """This device's share of the step's loss (the loss is the sum of the shares over devices)."""
+            retain, stats = retain_loss(params)
+            if not kind.collision:
+                unlearn = fooling_loss(params)  # this device's share
+                return retain + lam * unlearn, (retain, unlearn, stats)
+            gc_part, rest = split_gc_params(params, config.gc_params)
+            chunks = {k: v for k, v in source_batch.items() if k in ("image", "label", "mask")}
+            unlearn = gc_loss(
+                lambda p, chunk: chunk_loss(p, rest, chunk),
                 gc_part,
                 chunks,
                 config.num_chunks,
-                AXIS,
-                normalized=method == "ngc",
+                normalized=kind.normalized,
                 low_memory=config.gc_low_memory,
+                axis_name=layout.axis_name,
             )
-            zeros = jax.tree.map(jnp.zeros_like, rest)
-            unlearn_share = merge_params(hvp, zeros)  # already a sum-type share of ∇GC
-            local_grads = jax.tree.map(lambda r, u: r / devices + lam * u, retain_grads, unlearn_share)
-            loss = jax.lax.psum(retain / devices, AXIS) + lam * unlearn
-        else:
-            unlearn, unlearn_grads = jax.value_and_grad(fooling_loss)(varying)
-            local_grads = jax.tree.map(lambda r, u: (r + lam * u) / devices, retain_grads, unlearn_grads)
-            unlearn = jax.lax.psum(unlearn / devices, AXIS)
-            loss = jax.lax.psum(retain / devices, AXIS) + lam * unlearn
-        grads = jax.lax.psum(local_grads, AXIS)  # the one fused all-reduce of gradients
-        stats = jax.lax.pmean(stats, AXIS)
-        return loss, grads, stats, jax.lax.psum(retain / devices, AXIS), unlearn
+            # GC of the whole batch, the same on every device, so its share is GC / N. (Added to this
+            # device-varying sum, its cotangent is summed over the devices: N · λ/N = λ.)
+            return retain + lam * unlearn / devices, (retain, unlearn, stats)
 
-    sharded = jax.shard_map(
-        local,
-        mesh=mesh,
-        in_specs=(P(), P(), P(AXIS), P(AXIS)),
-        out_specs=(P(), P(), P(), P(), P()),
-    )
+        source_mask, target_mask = source_batch.get("mask"), target_batch.get("mask")
+        varying = jax.lax.pcast(params, grid_axes, to="varying")  # local gradients: no implicit psum
+        (_, (retain, unlearn, stats)), local_grads = jax.value_and_grad(objective, has_aux=True)(varying)
+        grads = jax.lax.psum(local_grads, grid_axes)  # the one fused all-reduce of gradients
+        retain = jax.lax.psum(retain, grid_axes)
+        if not kind.collision:
+            unlearn = jax.lax.psum(unlearn, grid_axes)
+        stats = jax.lax.pmean(stats, grid_axes)
+        return retain + lam * unlearn, grads, stats, retain, unlearn
+
+    def lay_out(batch, rows, mask):
+        if rows is not None:
+            batch = jax.tree.map(lambda x: jnp.take(x, rows, axis=0), batch)
+        return batch if mask is None else {**batch, "mask": jnp.asarray(mask)}
 
     def step(state, source_batch, target_batch):
         rng, key = jax.random.split(state["rng"])
         source_batch = {"image": source_batch["image"], "label": source_batch["label"]}
-        if method == "rtf":
+        target_batch = {"image": target_batch["image"], "label": target_batch["label"]}
+        if kind.wrong_labels:  # drawn for the whole global batch: the same draw on any device count
             num_source = state["params"]["heads"]["source"]["bias"].shape[0]
             source_batch["fool_label"] = losses.random_wrong_labels(key, source_batch["label"], num_source)
+        n_source, n_target = source_batch["label"].shape[0], target_batch["label"].shape[0]
+        layout = chunk_layout(devices, config.num_chunks, n_source)
+        sharded = jax.shard_map(
+            lambda *args: local(layout, (n_source, n_target), *args),
+            mesh=layout.grid(mesh),
+            in_specs=(P(), P(), P(layout.axes), P(layout.axes)),
+            out_specs=(P(), P(), P(), P(), P()),
+        )
+        source_batch = lay_out(source_batch, *layout.source_rows())
+        target_batch = lay_out(target_batch, *padded_rows(n_target, devices))
         loss, grads, stats, retain, unlearn = sharded(state["params"], state["batch_stats"], source_batch, target_batch)
         new, metrics = _guarded_update(state, grads, loss, stats, rng, tx, config.max_grad_norm)
         return new, {**metrics, "retain": retain, "unlearn": unlearn}
