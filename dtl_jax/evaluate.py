@@ -1,6 +1,6 @@
 """Evaluation: predictions over a split, accuracy, and the loss-threshold membership inference attack.
 
-Evaluation never trains; piggyback learning (which does) lives with the stages in ``dtl_jax.dtl``.
+Evaluation never trains; piggyback learning (which does) lives with the stages in ``dtl_jax.stages``.
 """
 
 from __future__ import annotations
@@ -11,20 +11,39 @@ import numpy as np
 
 from dtl_jax.data.pipeline import eval_batches
 from dtl_jax.data.sources import ImageSplit
+from dtl_jax.train.steps import to_host
 
 
 def predict(
-    predict_fn: Callable, variables: dict, split: ImageSplit, *, batch_size: int, mean: float, std: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """Eval-mode logits ``[N, C]`` and features ``[N, D]`` for every example of ``split``, in order.
-    Batches are padded to ``batch_size`` so that ``predict_fn`` compiles once."""
-    logits, features = [], []
+    predict_fn: Callable,
+    variables: dict,
+    split: ImageSplit,
+    *,
+    batch_size: int,
+    mean: float,
+    std: float,
+    features: bool = True,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Eval-mode logits ``[N, C]`` and features ``[N, D]`` (``None`` unless ``features``) for every example
+    of ``split``, in order.
+
+    ``predict_fn(variables, images) -> (logits, features)``; a ``steps.predict_fn`` runs data-parallel on
+    its mesh: batches are padded (zeros, masked out here) to ``batch_size`` rounded up to a multiple of its
+    device count, so that it compiles once and splits evenly (eval mode: examples are independent, the
+    padding changes no real example's output). The host receives the logits and, only when asked, the
+    features, gathered from the devices (``steps.to_host``)."""
+    devices = getattr(predict_fn, "devices", 1)
+    batch_size = -(-batch_size // devices) * devices
+    if hasattr(predict_fn, "replicate"):
+        variables = predict_fn.replicate(variables)  # placed once, not once a batch
+    logits, feats = [], []
     for batch in eval_batches(split, batch_size, mean=mean, std=std):
         out = predict_fn(variables, batch["image"])
         mask = batch["mask"]
-        logits.append(np.asarray(out[0])[mask])
-        features.append(np.asarray(out[1])[mask])
-    return np.concatenate(logits), np.concatenate(features)
+        logits.append(to_host(out[0])[mask])
+        if features:
+            feats.append(to_host(out[1])[mask])
+    return np.concatenate(logits), (np.concatenate(feats) if features else None)
 
 
 def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:

@@ -36,7 +36,7 @@ from dtl_jax.losses import cross_entropy, disposal_loss
 from dtl_jax.models import Network, apply_head, build, init_head
 from dtl_jax.train import steps
 from dtl_jax.train.loop import Bookkeeping, run_steps
-from dtl_jax.train.mesh import check_divisible, data_mesh, shard_batch
+from dtl_jax.train.mesh import check_divisible, data_mesh, place_disposal_batches
 from dtl_jax.train.metrics import MetricsWriter
 from dtl_jax.train.optim import heads_trainable, make_optimizer
 from dtl_jax.workdir import fingerprint
@@ -159,13 +159,22 @@ class Experiment:
         seed = self.stream(purpose, *index)
         return pipeline.shuffled_batches(split, batch_size, seed, mean=d.mean, std=d.std, flip=d.flip)
 
-    def predict(self, variables, split, head):
-        fn = self.compiled.get(("predict", self.config.model, head), lambda: steps.predict_fn(self.network, head))
+    @property
+    def devices(self) -> int:
+        """The devices of ``mesh``, which every stage runs data-parallel on."""
+        return int(self.mesh.devices.size)
+
+    def predict(self, variables, split, head, features: bool = True):
+        """``(logits, features)`` of ``split`` in eval mode, data-parallel over ``mesh`` (``features``: the
+        features are gathered to the host only when asked for, else ``None``)."""
+        key = ("predict", self.config.model, head, self.mesh)
+        fn = self.compiled.get(key, lambda: steps.predict_fn(self.network, head, self.mesh))
         d = self.config.data
-        return evaluate.predict(fn, variables, split, batch_size=self.config.eval.batch_size, mean=d.mean, std=d.std)
+        size = self.config.eval.batch_size
+        return evaluate.predict(fn, variables, split, batch_size=size, mean=d.mean, std=d.std, features=features)
 
     def accuracy(self, variables, split, head) -> float:
-        logits, _ = self.predict(variables, split, head)
+        logits, _ = self.predict(variables, split, head, features=False)
         return evaluate.accuracy(logits, split.labels)
 
     def checkpoint_dir(self, key: str) -> Path:
@@ -217,17 +226,19 @@ def _supervised(
     directory: Path, on_epoch=None, bookkeeping=None,
 ):  # fmt: skip
     """Trains ``head`` and the backbone (the other heads frozen when ``trainable_heads`` names the
-    trainable ones) with CE on ``task.train`` for ``optim.epochs``; mid-stage checkpoints beside
-    ``directory``."""
+    trainable ones) with CE on ``task.train`` for ``optim.epochs``, data-parallel over ``exp.mesh``
+    (``steps.supervised_step``); mid-stage checkpoints beside ``directory``. The status it returns records
+    the devices the stage ran on (``devices``)."""
     per_epoch = pipeline.steps_per_epoch(task.train, optim.batch_size)
     total = per_epoch * optim.epochs
 
     def build_step():
         trainable = heads_trainable(*trainable_heads) if trainable_heads else None
         tx = make_optimizer(optim, total, trainable)
-        return tx, steps.supervised_step(exp.network, head, tx)
+        return tx, steps.supervised_step(exp.network, head, tx, mesh=exp.mesh)
 
-    tx, step = exp.compiled.get(("supervised", exp.config.model, head, optim, total, trainable_heads), build_step)
+    key = ("supervised", exp.config.model, head, optim, total, trainable_heads, exp.mesh)
+    tx, step = exp.compiled.get(key, build_step)
     state = steps.init_state(variables, tx, seed)
     d = exp.config.data
     stream = pipeline.shuffled_batches(task.train, optim.batch_size, seed, mean=d.mean, std=d.std, flip=d.flip)
@@ -239,7 +250,8 @@ def _supervised(
     if progress is not None:
         progress.close()
     resumed = progress.resumed_from if progress is not None else 0
-    return steps.variables_of(state), history, {"halted_at": halted_at, "resumed_from": resumed}
+    status = {"halted_at": halted_at, "resumed_from": resumed, "devices": exp.devices}
+    return steps.variables_of(state), history, status
 
 
 def initial_model(exp: Experiment) -> dict:
@@ -298,7 +310,8 @@ def fit_head(
     exp: Experiment, head: dict, features: np.ndarray, labels: np.ndarray, optim: OptimConfig, seed: int
 ) -> tuple[dict, list[dict]]:
     """Fits a linear head on fixed features (CE, ``optim``'s optimiser, epochs and batch size; shuffled
-    full batches, a split smaller than a batch sampled with replacement). Returns the head and the mean
+    full batches, a split smaller than a batch sampled with replacement), data-parallel over ``exp.mesh``
+    (``steps.DataParallel``: each batch of features split over the devices). Returns the head and the mean
     loss of every epoch."""
     n = len(labels)
     per_epoch = pipeline.steps_per_epoch(ImageSplit(features, labels), optim.batch_size)
@@ -312,20 +325,20 @@ def fit_head(
             updates, opt_state = tx.update(grads, opt_state, head)
             return optax.apply_updates(head, updates), opt_state, loss
 
-        return tx, jax.jit(step, donate_argnums=(0, 1))
+        return tx, steps.DataParallel(step, exp.mesh, replicated=2, donate_argnums=(0, 1))
 
-    tx, step = exp.compiled.get(("head", optim, total), build_step)
+    tx, step = exp.compiled.get(("head", optim, total, exp.mesh), build_step)
     head = jax.tree.map(jnp.array, head)
     opt_state = tx.init(head)
     rng = np.random.default_rng(seed)
-    features = jnp.asarray(features)
+    features, labels = np.asarray(features), np.asarray(labels, np.int32)
     history = []
     for epoch in range(optim.epochs):
         order = rng.permutation(n) if n >= optim.batch_size else rng.choice(n, optim.batch_size, replace=True)
         losses = []
         for i in range(per_epoch):
             index = order[i * optim.batch_size : (i + 1) * optim.batch_size]
-            head, opt_state, loss = step(head, opt_state, features[index], jnp.asarray(labels[index]))
+            head, opt_state, loss = step(head, opt_state, features[index], labels[index])
             losses.append(loss)
         history.append({"step": (epoch + 1) * per_epoch, "loss": float(np.mean(jax.device_get(losses)))})
     return jax.device_get(head), history
@@ -350,7 +363,8 @@ def refit_source_head(exp: Experiment, tl: dict) -> dict:
         "params": {"backbone": tl["params"]["backbone"], "heads": {**tl["params"]["heads"], "source": head}},
         "batch_stats": tl["batch_stats"],
     }
-    checkpoint.save(directory, variables, {"history": history, "seconds": time.perf_counter() - start})
+    meta = {"history": history, "devices": exp.devices, "seconds": time.perf_counter() - start}
+    checkpoint.save(directory, variables, meta)
     return variables
 
 
@@ -458,7 +472,7 @@ def dispose(exp: Experiment, method: str, tl: dict) -> tuple[dict, dict]:
     state, history, halted_at = run_steps(
         step, state, zip(source_batches, target_batches), d.steps, desc=f"disposal {method}", every=d.eval_every,
         on_check=monitor.on_check, quiet=exp.quiet, progress=progress, bookkeeping=monitor, writer=exp.writer,
-        place=lambda s, t: (shard_batch(exp.mesh, s), shard_batch(exp.mesh, t)),
+        place=lambda s, t: place_disposal_batches(exp.mesh, d.num_chunks, s, t),
     )  # fmt: skip
     if progress is not None:
         progress.close()
@@ -570,6 +584,7 @@ def piggyback_learning(exp: Experiment, model: str, variables: dict) -> dict:
         "pl_val_acc": first["val_acc"],
         "pl_curve": first["curve"],
         "halted_at": halted[0] if halted else None,
+        "devices": exp.devices,
         "seconds": float(sum(r.get("seconds", 0.0) for r in runs)),
     }
 
@@ -585,8 +600,8 @@ def evaluate_model(exp: Experiment, variables: dict) -> dict:
     source head: members = source training examples, non-members = source test examples."""
     heads = variables["params"]["heads"]
     out = {"target_acc": exp.accuracy(variables, exp.target.test, "target") if "target" in heads else float("nan")}
-    train_logits, _ = exp.predict(variables, exp.source.train, "source")
-    test_logits, _ = exp.predict(variables, exp.source.test, "source")
+    train_logits, _ = exp.predict(variables, exp.source.train, "source", features=False)
+    test_logits, _ = exp.predict(variables, exp.source.test, "source", features=False)
     out["source_acc"] = evaluate.accuracy(test_logits, exp.source.test.labels)
     out["mia_acc"] = evaluate.loss_threshold_mia(
         evaluate.per_example_loss(train_logits, exp.source.train.labels),

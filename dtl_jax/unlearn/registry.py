@@ -122,10 +122,13 @@ class Context:
     def run(self, step, state: dict, inputs: Iterator[tuple], num_steps: int, desc: str) -> dict:
         """Like ``train`` but from and to a whole train state, so that phases built on the same ``tx``
         share one optimiser (momentum, schedule count, halted flag carry over; SCRUB's max/min phases).
-        A state the divergence guard already halted is returned as it is."""
+        A state the divergence guard already halted is returned as it is. ``steps.supervised_step`` and
+        ``steps.custom_step`` run data-parallel over every device (their default mesh); ``history`` records
+        the device count of each run (``devices``)."""
+        devices = getattr(step, "devices", 1)  # a steps.DataParallel step runs on its mesh's devices
         if bool(np.asarray(state["halted"])):
             self.history.append({"desc": desc, "steps": 0, "halted_at": int(np.asarray(state["halted_at"])),
-                                 "last_loss": None})  # fmt: skip
+                                 "last_loss": None, "devices": devices})  # fmt: skip
             return state
         progress = None
         if self.progress_root is not None and self.config.checkpoint_every:
@@ -136,7 +139,7 @@ class Context:
         if progress is not None:
             progress.close()
         self.history.append({"desc": desc, "steps": len(history), "halted_at": halted_at,
-                             "last_loss": history[-1]["loss"] if history else None})  # fmt: skip
+                             "last_loss": history[-1]["loss"] if history else None, "devices": devices})  # fmt: skip
         return state
 
     def random_labels(self, split: ImageSplit, seed: int) -> ImageSplit:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import time
 from pathlib import Path
@@ -52,8 +53,15 @@ def compile_seconds():
         monitoring.unregister_event_duration_listener(listener)
 
 
+@functools.lru_cache(maxsize=4)
+def _predictor(network) -> steps.DataParallel:
+    """The eval-mode forward through the classifier head, data-parallel over every device (compiled once
+    per network, not once per evaluated model)."""
+    return steps.predict_fn(network, HEAD)
+
+
 def _outputs(network, variables, scenario, config) -> dict:
-    fn = steps.predict_fn(network, HEAD)
+    fn = _predictor(network)
     d = config.data
     out = {}
     for name in ("forget", "retain", "test"):
@@ -94,7 +102,7 @@ def run(config: Config, workdir, *, quiet: bool = False, overwrite: bool = False
     original_dir = workdir / "checkpoints" / f"unlearn-original-{fingerprint(*scenario_key, u.original)}"
     variables = network.init(seeds.key(config.seed, "unlearn-original-init"), shape, {HEAD: scenario.num_classes})
     if checkpoint.exists(original_dir):
-        original = checkpoint.restore(original_dir, variables)[0]
+        original, original_meta = checkpoint.restore(original_dir, variables)
     else:
         progress_root = original_dir.with_name(original_dir.name + ".progress")
         ctx = Context(config, network, scenario, variables, config.seed, quiet, progress_root=progress_root,
@@ -103,10 +111,12 @@ def run(config: Config, workdir, *, quiet: bool = False, overwrite: bool = False
         tx = make_optimizer(u.original, total)
         stream = ((b,) for b in ctx.batches(scenario.train, u.original.batch_size, seed=20))
         original = ctx.train(steps.supervised_step(network, HEAD, tx), variables, tx, stream, total, "original")
-        checkpoint.save(original_dir, original, {"history": ctx.history})
+        original_meta = {"history": ctx.history}
+        checkpoint.save(original_dir, original, original_meta)
         checkpoint.remove(progress_root)
 
     methods = load_methods()
+    histories = {"original": original_meta["history"]}
     rows = {"original": _metrics(network, original, scenario, config)}
     rows["original"].update(rt_s=0.0, compile_s=0.0, diverged=False, halted_at=None)
     for name in u.methods or method_names():
@@ -126,6 +136,7 @@ def run(config: Config, workdir, *, quiet: bool = False, overwrite: bool = False
             meta = {"rt_s": wall - compile_s, "compile_s": compile_s, "history": ctx.history}
             checkpoint.save(directory, unlearned, meta)
             checkpoint.remove(progress_root)
+        histories[name] = meta["history"]
         row = _metrics(network, unlearned, scenario, config)
         halted = [h["halted_at"] for h in meta["history"] if h.get("halted_at") is not None]
         row.update(rt_s=meta["rt_s"], compile_s=meta["compile_s"], diverged=bool(halted))
@@ -139,6 +150,7 @@ def run(config: Config, workdir, *, quiet: bool = False, overwrite: bool = False
         row["rrt"] = row["rt_s"] / oracle["rt_s"] if oracle and oracle["rt_s"] > 0 else None
     results = {
         "methods": rows,
+        "stages": _stages(histories),
         "scenario": {
             "name": scenario.name,
             "forget_class": u.forget_class if scenario.name != "random" else None,
@@ -152,6 +164,21 @@ def run(config: Config, workdir, *, quiet: bool = False, overwrite: bool = False
     write_json(workdir / "results.json", results)
     writer.close()
     return results
+
+
+def _stages(histories: dict) -> dict:
+    """Per stage (the original model's training, each method): the divergence guard's record and where its
+    training steps ran, ``devices`` (the most devices any of its ``Context.run`` calls used; 1 for a
+    checkpoint written before devices were recorded) and ``processes`` (every process when it used every
+    device)."""
+    out = {}
+    for name, history in histories.items():
+        halted = [h["halted_at"] for h in history if h.get("halted_at") is not None]
+        devices = max((h.get("devices", 1) for h in history), default=1)
+        processes = jax.process_count() if devices == jax.device_count() else 1
+        out[name] = {"diverged": bool(halted), "halted_at": halted[0] if halted else None, "devices": devices,
+                     "processes": processes}  # fmt: skip
+    return out
 
 
 def run_seeds(config: Config, seed_list: list[int], workdir, *, quiet: bool = False, overwrite: bool = False) -> dict:
