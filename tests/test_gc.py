@@ -1,6 +1,8 @@
 """GC / NGC: values and HVP gradients against independent references (float64), jitted and not
 (``chex.variants``); dtypes; compiled memory."""
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -41,6 +43,18 @@ def _options(mode):
     return {"low_memory": True} if mode == "low_memory" else {"hvp": mode}
 
 
+@functools.cache
+def _hessian_reference(normalized: bool) -> np.ndarray:
+    """``Σ_k H_k v_k`` for ``_problem()`` with K = 4, each ``H_k`` materialised (float64; computed once)."""
+    loss, params, batch = _problem()
+    flat0, unravel = ravel_pytree(params)
+    chunks = split_chunks(batch, 4)
+    chunk_loss = [lambda f, i=i: loss(unravel(f), jax.tree.map(lambda x: x[i], chunks)) for i in range(4)]
+    grads = [jax.grad(fn)(flat0) for fn in chunk_loss]
+    directions = jax.grad(lambda gs: pairwise_collision(gs, normalized))(grads)
+    return np.asarray(sum(jax.hessian(fn)(flat0) @ v for fn, v in zip(chunk_loss, directions)))
+
+
 class Float64Test(chex.TestCase):
     """Each test runs with and without ``jax.jit`` around ``gc_loss`` (or ``jax.grad`` of it), in float64."""
 
@@ -64,14 +78,8 @@ class Float64Test(chex.TestCase):
     def test_gradient_matches_hessian_reference(self, mode, normalized):
         """∇GC = Σ_k H_k v_k with H_k from jax.hessian (materialised, tiny model) and v_k = ∂φ/∂g_k."""
         loss, params, batch = _problem()
-        k = 4
-        flat0, unravel = ravel_pytree(params)
-        chunks = split_chunks(batch, k)
-        chunk_loss = [lambda f, i=i: loss(unravel(f), jax.tree.map(lambda x: x[i], chunks)) for i in range(k)]
-        grads = [jax.grad(fn)(flat0) for fn in chunk_loss]
-        directions = jax.grad(lambda gs: pairwise_collision(gs, normalized))(grads)
-        expected = sum(jax.hessian(fn)(flat0) @ v for fn, v in zip(chunk_loss, directions))
-        grad_fn = jax.grad(lambda p, b: gc_loss(loss, p, b, k, normalized=normalized, **_options(mode)))
+        expected = _hessian_reference(normalized)
+        grad_fn = jax.grad(lambda p, b: gc_loss(loss, p, b, 4, normalized=normalized, **_options(mode)))
         got = _flat(self.variant(grad_fn)(params, batch))
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-12)
         assert np.max(np.abs(got - expected)) / np.max(np.abs(expected)) < 1e-5
@@ -134,7 +142,10 @@ class DtypeTest(chex.TestCase):
         super().tearDown()
 
     @chex.variants(with_jit=True, without_jit=True)
-    @parameterized.product(dtype=["float32", "bfloat16"], normalized=[False, True], mode=["jvp", "low_memory"])
+    @parameterized.parameters(  # each dtype with GC and NGC, each HVP path with both dtypes
+        ("float32", False, "jvp"), ("float32", True, "low_memory"),
+        ("bfloat16", False, "low_memory"), ("bfloat16", True, "jvp"),
+    )  # fmt: skip
     def test_dtype_in_is_dtype_out_and_close_to_float64(self, dtype, normalized, mode):
         loss, params64, batch64 = _problem(seed=3, n=32, d=8, h=16, c=4)
         params = jax.tree.map(lambda x: x.astype(dtype), params64)
@@ -175,6 +186,7 @@ def test_low_memory_keeps_fewer_parameter_sized_buffers():
     assert low <= 4 * param_bytes, (low, param_bytes)
 
 
+@pytest.mark.slow  # compiles a conv net's GC gradient twice (about 10 s of the fast tier otherwise)
 def test_low_memory_keeps_one_chunk_of_activations_in_a_conv_net():
     """Activation-dominated: the default keeps every chunk's activations for the HVPs, ``low_memory`` one
     chunk's at a time (measured 0.27x the default's temporary memory)."""
