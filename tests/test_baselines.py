@@ -139,6 +139,7 @@ def test_shuffled_batches_keep_the_last_partial_batch_when_asked():
     assert [len(next(dropped)["label"]) for _ in range(4)] == [4, 4, 4, 4]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["ft", "ga", "rl", "l1_sparse", "salun", "scrub", "boundary_shrink"])
 def test_every_example_is_visited_every_epoch(trained, drawn, name):
     _, _, scenario, _ = trained
@@ -165,6 +166,7 @@ def test_every_example_is_visited_every_epoch(trained, drawn, name):
 # --- L1-sparse ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_l1_coefficient_is_constant_within_an_epoch_and_alpha_over_E_in_the_last(trained, step_calls):
     _, _, scenario, _ = trained
     epochs, alpha = 3, 1e-3
@@ -181,6 +183,7 @@ def test_l1_coefficient_is_constant_within_an_epoch_and_alpha_over_E_in_the_last
 # --- SCRUB ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_scrub_keeps_one_optimiser_state_and_two_batch_sizes(trained, step_calls):
     _, _, scenario, _ = trained
     ctx = context(trained)
@@ -206,6 +209,7 @@ def test_scrub_keeps_one_optimiser_state_and_two_batch_sizes(trained, step_calls
     assert not any(np.abs(x).max() > 0 for x in jax.tree.leaves(step_calls[0]["before"]))  # fresh at the start
 
 
+@pytest.mark.slow
 def test_scrub_divergence_halts_every_later_phase(trained):
     ctx = context(trained, scrub_learning_rate=1e4, scrub_epochs=3, scrub_max_epochs=2)
     out = load_methods()["scrub"](ctx)
@@ -218,6 +222,7 @@ def test_scrub_divergence_halts_every_later_phase(trained):
 # --- SalUn ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_salun_selects_exactly_k_weights_under_ties(trained):
     from dtl_jax.unlearn.methods.salun import saliency_mask
 
@@ -257,6 +262,7 @@ def reference_mask(ctx: Context, sparsity: float) -> np.ndarray:
     return keep
 
 
+@pytest.mark.slow
 def test_salun_mask_is_the_reference_ranking_and_ignores_eval_batch_size(trained):
     from dtl_jax.unlearn.methods.salun import saliency_mask
 
@@ -277,6 +283,7 @@ def test_salun_mask_is_the_reference_ranking_and_ignores_eval_batch_size(trained
 # --- Boundary shrink ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_fgsm_neighbour_steps_exactly_epsilon_in_pixel_space_then_clamps_and_rounds(trained):
     from dtl_jax.unlearn.methods.boundary_shrink import make_neighbours
 
@@ -293,6 +300,7 @@ def test_fgsm_neighbour_steps_exactly_epsilon_in_pixel_space_then_clamps_and_rou
     np.testing.assert_allclose(neighbours, np.round(np.clip(raw, 0, 1) * 255) / 255, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_boundary_neighbour_labels_match_the_reference_procedure(trained):
     from dtl_jax.unlearn.methods.boundary_shrink import neighbour_labels
 
@@ -357,6 +365,7 @@ def test_reference_preset_and_default_optimiser():
     assert (default.ga_epochs, default.scrub_epochs) == (5, 3)
 
 
+@pytest.mark.slow
 def test_unlearning_optimiser_applies_weight_decay(trained):
     ctx = context(trained, optim=dataclasses.replace(Config().unlearn.optim, momentum=0.0))
     tx = ctx.optimizer(10)

@@ -157,6 +157,7 @@ def test_layout_and_mesh_errors_name_the_keys():
         data_mesh(64)
 
 
+@pytest.mark.slow
 def test_two_processes_on_localhost_equal_one(tmp_path):
     """jax.distributed over gloo: one GC disposal step on a 2-process mesh equals the 1-process step."""
     port = _free_port()
@@ -170,6 +171,7 @@ def test_two_processes_on_localhost_equal_one(tmp_path):
     assert report["param_rel"] <= 1e-5
 
 
+@pytest.mark.slow
 def test_dtl_jax_run_as_two_processes_equals_one(tmp_path):
     """`dtl-jax run --coordinator ...` as a 2-process job gives the single-process results.json."""
     port = _free_port()

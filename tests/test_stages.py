@@ -70,6 +70,7 @@ def test_piggyback_keys_differ_per_budget_and_draw():
     assert len(keys) == 4
 
 
+@pytest.mark.slow
 def test_refit_keeps_the_backbone_and_its_batchnorm_statistics_frozen(tmp_path):
     config = tiny_config(model=ModelConfig(name="cnn", widths=(4, 8), batch_norm=True))
     config = dataclasses.replace(config, data=dataclasses.replace(config.data, image_size=8, channels=1))

@@ -150,6 +150,7 @@ def _forget_acc(network, variables, split):
     return float(np.mean(np.argmax(np.asarray(logits), -1) == split.labels))
 
 
+@pytest.mark.slow
 def test_gradient_ascent_lowers_forget_accuracy(trained):
     config, network, scenario, original, methods = trained
     before = _forget_acc(network, original, scenario.forget)
@@ -161,6 +162,7 @@ def test_gradient_ascent_lowers_forget_accuracy(trained):
     assert before > 0.5 and after < before - 0.2, (before, after)
 
 
+@pytest.mark.slow
 def test_salun_leaves_masked_weights_bitwise_unchanged(trained):
     config, network, scenario, original, methods = trained
     u = dataclasses.replace(
@@ -180,6 +182,7 @@ def test_salun_leaves_masked_weights_bitwise_unchanged(trained):
             assert not np.array_equal(new[m], old[m])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["ft", "rl", "l1_sparse", "scrub", "boundary_shrink", "sure"])
 def test_each_method_runs_and_changes_the_model(trained, name):
     config, network, scenario, original, methods = trained
@@ -215,6 +218,7 @@ def test_unlearn_command_end_to_end(tmp_path, monkeypatch, capsys):
     assert 'alt="unlearning_bars" src="data:image/png;base64,' in page and "<th>sure</th>" in page
 
 
+@pytest.mark.slow
 def test_runaway_loss_halts_the_step_and_nonfinite_models_get_no_metrics(trained):
     import optax
 
