@@ -1,0 +1,70 @@
+"""The benchmark scripts keep working: the accelerator suite in its tiny mode (what CI runs on a CPU), and
+the per-stage scaling sweep on 1 and 2 CPU devices. Timings are never checked (they depend on the machine);
+the structure and the counts that do not are."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+STAGES = {"pretrain", "transfer", "refit", "disposal", "piggyback", "unlearn", "predict"}
+
+
+def _run(argv, tmp_path, devices=None):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
+    if devices:
+        env["JAX_NUM_CPU_DEVICES"] = str(devices)
+    proc = subprocess.run(
+        [sys.executable, *argv], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_accelerator_suite_tiny_writes_every_section(tmp_path):
+    out = tmp_path / "suite.json"
+    _run([str(REPO / "benchmarks" / "accelerator_suite.py"), "--tiny", "--json", str(out)], tmp_path)
+    suite = json.loads(out.read_text())
+    sections = suite["sections"]
+    assert set(sections) == {"gc_step", "hvp", "vs_pytorch", "memory", "scaling", "default_run"}
+    assert not [name for name, s in sections.items() if "error" in s]
+    assert suite["tiny"] and suite["device"]["backend"] == "cpu"
+    assert all(r["gc_ms"] > 0 and r["plain_ms"] > 0 for r in sections["gc_step"]["rows"])
+    assert all(r["hvp_over_grad"] > 0 for r in sections["hvp"]["rows"])
+    assert all(r["memory"]["plain"]["temp"] > 0 for r in sections["memory"]["rows"])
+    if "skipped" in sections["vs_pytorch"]:  # only when PyTorch is missing
+        assert "PyTorch" in sections["vs_pytorch"]["skipped"]
+    else:
+        assert sections["vs_pytorch"]["gc_value"]["rel_err"] <= 1e-3
+    scaling = sections["scaling"]["stages"]
+    assert set(scaling) == STAGES
+    assert all(row["devices"] == 1 and row["comm_bytes"] == 0 for rows in scaling.values() for row in rows)
+    run = sections["default_run"]
+    assert run["wall_s"] > 0 and run["stage_devices"] == [1] and set(run["models"]) == {"random_init", "tl", "gc"}
+
+
+@pytest.mark.slow
+def test_per_stage_scaling_on_two_devices(tmp_path):
+    """``scaling.py --part stages``: every stage on 1 and 2 devices; on 2, each training stage's
+    collectives carry at least its gradient (all-reduced), prediction gathers only the logits, and the
+    per-device work shrinks."""
+    out = tmp_path / "stages.json"
+    script = str(REPO / "benchmarks" / "scaling.py")
+    _run([script, "--part", "stages", "--tiny", "--devices", "1", "2", "--repeats", "1", "--json", str(out)], tmp_path)
+    stages = json.loads(out.read_text())["stages"]
+    assert set(stages) == STAGES
+    for name, rows in stages.items():
+        one, two = rows
+        assert (one["devices"], two["devices"]) == (1, 2)
+        assert one["comm_bytes"] == 0 and two["comm_bytes"] > 0, (name, two)
+        assert two["examples_per_device"] == -(-one["batch"] // 2)
+        assert two["flops_per_device"] < one["flops_per_device"], name
+        if name == "predict":
+            assert set(two["collectives"]) == {"all-gather"}  # the logits; features stay on their devices
+        else:
+            assert "all-reduce" in two["collectives"]
