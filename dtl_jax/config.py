@@ -380,6 +380,8 @@ RULES: tuple[tuple[str, Range], ...] = (
     ("unlearn.*temperature", POSITIVE),
     ("unlearn.*_epochs", NON_NEGATIVE),
     ("unlearn.*_steps", NON_NEGATIVE),
+    ("unlearn.sure_domain_batch", Range(2)),
+    ("unlearn.sure_forget_share", OPEN_FRACTION),
     ("unlearn.*_batch", Range(1)),
     ("unlearn.*_width", Range(1)),
     ("unlearn.*_depth", NON_NEGATIVE),
@@ -477,6 +479,10 @@ def validate(config: Config) -> Config:
     known = method_names()
     for method in u.methods:
         _one_of("unlearn.methods", method, known)
-    if u.sure_domain_batch < 2 or u.sure_domain_batch % 2:
-        raise UserError(f"unlearn.sure_domain_batch={u.sure_domain_batch}: expected an even number >= 2")
+    forget = round(u.sure_forget_share * u.sure_domain_batch)
+    if not 1 <= forget <= u.sure_domain_batch - 1:
+        raise UserError(
+            f"unlearn.sure_forget_share={u.sure_forget_share} of unlearn.sure_domain_batch={u.sure_domain_batch} "
+            f"gives {forget} forget examples: expected at least 1 forget and 1 validation example a step"
+        )
     return config
