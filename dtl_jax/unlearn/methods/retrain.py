@@ -1,6 +1,5 @@
 """Retrain (the oracle): train from scratch on ``D_r`` with the original model's budget."""
 
-
 from dtl_jax.train.optim import make_optimizer
 from dtl_jax.unlearn.methods._common import supervised
 from dtl_jax.unlearn.registry import HEAD, Context, register
