@@ -1,6 +1,5 @@
 """Data sources (image folder, tfds under mock data, embedded), tasks and batch formation."""
 
-
 import numpy as np
 import pytest
 from PIL import Image
