@@ -111,7 +111,10 @@ def gradient_fns(ce, num_chunks):
 
 
 def _median_ms(step, params, batch, repeats):
-    params = jax.block_until_ready(step(params, batch))  # warm-up: compile and run once
+    # Warm-up: compile and run, twice: the "sharded" step returns parameters placed on its mesh, unlike the
+    # first call's, so its second call compiles again.
+    for _ in range(2):
+        params = jax.block_until_ready(step(params, batch))
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
