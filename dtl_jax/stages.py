@@ -36,7 +36,7 @@ from dtl_jax.losses import cross_entropy, disposal_loss
 from dtl_jax.models import Network, apply_head, build, init_head
 from dtl_jax.train import steps
 from dtl_jax.train.loop import Bookkeeping, run_steps
-from dtl_jax.train.mesh import check_divisible, data_mesh, place_disposal_batches
+from dtl_jax.train.mesh import data_mesh, place_disposal_batches
 from dtl_jax.train.metrics import MetricsWriter
 from dtl_jax.train.optim import heads_trainable, make_optimizer
 from dtl_jax.workdir import fingerprint
@@ -199,7 +199,6 @@ def build_experiment(config: Config, workdir, quiet: bool = False, compiled: Com
             f"the source task has {source.num_classes}"
         )
     mesh = data_mesh(d.devices)
-    check_divisible(mesh, d.num_chunks, d.source_batch_size, c.transfer.batch_size)
     return Experiment(
         c, Path(workdir), source, target, attacker, build(c.model), mesh, MetricsWriter(workdir),
         compiled or Compiled(), quiet,

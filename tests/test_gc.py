@@ -129,6 +129,7 @@ class Float64Test(chex.TestCase):
 TOLERANCE = {"float32": (5e-6, 1e-5), "bfloat16": (4e-2, 8e-2)}
 
 
+@pytest.mark.slow  # compiles every (dtype, loss, HVP path) twice: most of test_gc's fast-tier time otherwise
 class DtypeTest(chex.TestCase):
     """float32 and bfloat16 in: the value and every gradient leaf in the same dtype, within ``TOLERANCE``
     of the float64 computation on the same inputs."""

@@ -152,13 +152,6 @@ def padded_rows(size: int, devices: int) -> tuple[np.ndarray | None, np.ndarray 
     return slots % size, slots < size
 
 
-def check_divisible(mesh: Mesh, num_chunks: int, source_batch: int, target_batch: int) -> None:
-    """Kept for callers written before any device count worked: checks what still must hold (the source
-    batch splits into whole chunks). Use ``chunk_layout`` and ``place_disposal_batches``."""
-    del target_batch
-    chunk_layout(mesh.devices.size, num_chunks, source_batch)
-
-
 def place_disposal_batches(mesh: Mesh, num_chunks: int, source: dict, target: dict) -> tuple[dict, dict]:
     """Places a disposal step's global batches on ``mesh`` so that the step moves no data between devices.
 
