@@ -3,7 +3,6 @@
 import dataclasses
 import json
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +11,6 @@ import pytest
 from dtl_jax import cli
 from dtl_jax.config import Config, DataConfig, ModelConfig, OptimConfig, TaskConfig, UnlearnConfig, UserError
 from dtl_jax.data.tasks import make_task
-from dtl_jax.grl import dann_alpha, gradient_reversal
 from dtl_jax.models import build
 from dtl_jax.unlearn import metrics
 from dtl_jax.unlearn.registry import HEAD, Context, load_methods
@@ -33,28 +31,7 @@ def tiny_unlearn(**changes) -> Config:
     return config
 
 
-# --- gradient reversal --------------------------------------------------------------------------------
-
-
-def test_gradient_reversal_identity_forward_negated_backward():
-    x = jnp.arange(6.0).reshape(2, 3)
-    g = jnp.linspace(-1.0, 1.0, 6).reshape(2, 3)
-    for alpha in (0.0, 0.5, 2.0):
-        chex.assert_trees_all_equal(gradient_reversal(x, alpha), x)
-        _, vjp = jax.vjp(lambda v, a=alpha: gradient_reversal(v, a), x)
-        chex.assert_trees_all_close(vjp(g)[0], -alpha * g)
-
-
-def test_gradient_reversal_under_jit_with_traced_alpha():
-    def loss(w, alpha):
-        features = w * 2.0
-        return jnp.sum(gradient_reversal(features, alpha) ** 2) + jnp.sum(features)
-
-    w = jnp.array([1.0, -3.0])
-    grad = jax.jit(jax.grad(loss))(w, jnp.float32(0.25))
-    # d/dw: reversed branch -0.25 * 2 * features * 2, plus the plain branch 2
-    chex.assert_trees_all_close(grad, -0.25 * 2 * (2 * w) * 2 + 2.0)
-    assert float(jax.jit(dann_alpha)(0.0)) == 0.0 and 0.99 < float(dann_alpha(1.0)) <= 1.0
+# Gradient reversal: tests/test_grl.py.
 
 
 # --- scenarios ----------------------------------------------------------------------------------------
