@@ -195,6 +195,7 @@ def report():
 CASES = [(name, n) for name in ("bn", "cnn", "mlp") for n in DEVICES]
 
 
+@pytest.mark.slow  # reads `report`: one subprocess on 2, 3 and 4 CPU devices (about a minute)
 @pytest.mark.parametrize(("name", "devices"), CASES)
 def test_supervised_step_on_n_devices_equals_one(report, name, devices):
     """Three SGD-momentum steps (batches of 26, 32, 26 examples) give the one-device parameters, BatchNorm
@@ -204,6 +205,7 @@ def test_supervised_step_on_n_devices_equals_one(report, name, devices):
     assert run["replicated"]
 
 
+@pytest.mark.slow  # reads `report`: one subprocess on 2, 3 and 4 CPU devices (about a minute)
 @pytest.mark.parametrize(("name", "devices"), CASES)
 def test_uneven_batches_split_only_without_batch_norm(report, name, devices):
     """An even batch is always split; one the device count does not divide is split for models without
@@ -213,6 +215,7 @@ def test_uneven_batches_split_only_without_batch_norm(report, name, devices):
     assert split == [e or name != "bn" for e in even]
 
 
+@pytest.mark.slow  # reads `report`: one subprocess on 2, 3 and 4 CPU devices (about a minute)
 @pytest.mark.parametrize(("name", "devices"), CASES)
 def test_custom_step_with_a_global_batch_loss_on_n_devices_equals_one(report, name, devices):
     """A loss written for the global batches (one forward pass over two batches, sliced by a batch's size,
@@ -221,6 +224,7 @@ def test_custom_step_with_a_global_batch_loss_on_n_devices_equals_one(report, na
     assert run["custom"] <= 1e-5 and run["balanced"] <= 1e-5, run
 
 
+@pytest.mark.slow  # reads `report`: one subprocess on 2, 3 and 4 CPU devices (about a minute)
 @pytest.mark.parametrize(("name", "devices"), CASES)
 def test_prediction_on_n_devices_equals_one(report, name, devices):
     """37 examples in batches of 10, padded to a multiple of the device count (12 on 3 and 4 devices)."""
@@ -228,6 +232,7 @@ def test_prediction_on_n_devices_equals_one(report, name, devices):
     assert run["logits"] <= 1e-5 and run["features"] <= 1e-5, run
 
 
+@pytest.mark.slow  # reads `report`: one subprocess on 2, 3 and 4 CPU devices (about a minute)
 @pytest.mark.parametrize("name", ["bn", "cnn", "mlp"])
 def test_communication_of_the_supervised_step(report, name):
     """One device: no collectives. Four, an even batch: all-reduces only (no all-gather of the batch or the
@@ -239,6 +244,7 @@ def test_communication_of_the_supervised_step(report, name):
     assert four["param_count"] <= sum(four["all_reduces"]) <= 2 * four["param_count"], four
 
 
+@pytest.mark.slow  # reads `report`: one subprocess on 2, 3 and 4 CPU devices (about a minute)
 @pytest.mark.parametrize("devices", DEVICES)
 def test_head_fit_step_on_n_devices_equals_one(report, devices):
     assert report["fit_head"][str(devices)] <= 1e-5
