@@ -259,7 +259,7 @@ def initial_model(exp: Experiment) -> dict:
 
 
 def exp_key(exp: Experiment, purpose: str, *index: int) -> jax.Array:
-    return jax.random.PRNGKey(exp.stream(purpose, *index))
+    return seeds.key(exp.config.seed, purpose, *index)
 
 
 def pretrain(exp: Experiment) -> tuple[dict, dict]:

@@ -86,7 +86,7 @@ class Context:
 
     def key(self, purpose: str, *index: int) -> jax.Array:
         """A JAX PRNG key on the run's ``unlearn-<purpose>`` stream (e.g. Retrain's initialisation)."""
-        return jax.random.PRNGKey(self.stream(purpose, *index))
+        return seeds.key(self.seed, f"unlearn-{purpose}", *index)
 
     def batches(
         self, split: ImageSplit, batch_size: int | None = None, seed: int = 0, flip: bool | None = None,
