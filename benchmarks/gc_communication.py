@@ -74,9 +74,9 @@ def measure(args: argparse.Namespace) -> dict:
         tx = make_optimizer(config.optim, 10)
         for n in args.devices:
             mesh = data_mesh(n)
-            step = steps.disposal_step(network, args.method, config, tx, variables, mesh)
+            step = steps.disposal_step(network, args.method, config, tx, mesh)
             placed = place_disposal_batches(mesh, k, source, target)
-            hlo = step.lower(steps.init_state(variables, tx, 0), *placed).compile().as_text()
+            hlo = step.lower(steps.init_state(variables, tx, 0), variables, *placed).compile().as_text()
             sizes = all_reduce_sizes(hlo)
             layout = chunk_layout(n, k, args.source_batch)
             rows.append(

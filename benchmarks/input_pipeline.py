@@ -94,7 +94,8 @@ def measure(num_steps: int, rounds: int, log_every: int, method: str) -> dict:
     )
     mesh = data_mesh(d.devices)
     tx = make_optimizer(d.optim, d.steps)
-    step = steps.disposal_step(network, method, d, tx, variables, mesh)
+    dispose = steps.disposal_step(network, method, d, tx, mesh)
+    step = lambda state, source, target: dispose(state, variables, source, target)  # noqa: E731
     state = steps.init_state(variables, tx, 0)
     seed = config.seed + 32
     streams = {

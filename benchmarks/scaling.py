@@ -83,16 +83,18 @@ def child(args: argparse.Namespace) -> dict:
     )
     tx = make_optimizer(config.optim, 1000)
     mesh = data_mesh(n)
-    step = steps.disposal_step(network, "gc", config, tx, variables, mesh)
+    step = steps.disposal_step(network, "gc", config, tx, mesh)
     source_d, target_d = place_disposal_batches(mesh, args.chunks, source, target)
 
     start = time.perf_counter()
-    compiled = step.lower(steps.init_state(variables, tx, 0), source_d, target_d).compile()
+    compiled = step.lower(steps.init_state(variables, tx, 0), variables, source_d, target_d).compile()
     compile_s = time.perf_counter() - start
     all_reduces = all_reduce_sizes(compiled.as_text())
 
     step = compiled  # run the AOT-compiled executable: no second compilation on the first call
-    state, metrics = step(steps.init_state(variables, tx, 0), source_d, target_d)  # one step from the TL state
+    state, metrics = step(
+        steps.init_state(variables, tx, 0), variables, source_d, target_d
+    )  # one step from the TL state
     first = jax.device_get({"params": state["params"], "unlearn": metrics["unlearn"], "loss": metrics["loss"]})
     leaves = {str(i): np.asarray(x) for i, x in enumerate(jax.tree.leaves(first["params"]))}
     np.savez(args.params_out, **leaves)
@@ -100,7 +102,7 @@ def child(args: argparse.Namespace) -> dict:
     times = []
     for _ in range(args.repeats):
         t0 = time.perf_counter()
-        state, metrics = step(state, source_d, target_d)
+        state, metrics = step(state, variables, source_d, target_d)
         jax.block_until_ready((state, metrics))
         times.append((time.perf_counter() - t0) * 1e3)
     gc_size = sum(x.size for x in jax.tree.leaves(steps.split_gc_params(variables["params"], config.gc_params)[0]))
@@ -261,10 +263,15 @@ def stage_steps(mesh, tiny: bool = False) -> dict:
 
     d = c.disposal
     tx_d = make_optimizer(d.optim, 1000)
-    dispose = steps.disposal_step(network, "gc", d, tx_d, variables, mesh)
+    dispose = steps.disposal_step(network, "gc", d, tx_d, mesh)
     source, target = batch(d.source_batch_size), batch(c.transfer.batch_size)
     source_d, target_d = place_disposal_batches(mesh, d.num_chunks, source, target)
-    rows["disposal"] = (dispose, (steps.init_state(variables, tx_d, 0), source_d, target_d), len(source["label"]), True)
+    rows["disposal"] = (
+        dispose,
+        (steps.init_state(variables, tx_d, 0), variables, source_d, target_d),
+        len(source["label"]),
+        True,
+    )
 
     def scrub_min(params, batch_stats, key, teacher, batch):
         logits, _, stats = network.apply({"params": params, "batch_stats": batch_stats}, batch["image"],

@@ -450,11 +450,15 @@ def dispose(exp: Experiment, method: str, tl: dict) -> tuple[dict, dict]:
     if checkpoint.exists(directory):
         return checkpoint.restore(directory, tl)
     start_time = time.perf_counter()
-    teacher = tl
+    teacher = steps.replicate(exp.mesh, tl)  # an argument of the step: the seeds share its program
     start = refit_source_head(exp, tl) if d.refit_source_head else tl
-    tx = make_optimizer(d.optim, d.steps)
-    state = steps.init_state(start, tx, exp.stream("disposal-rng"))
-    step = steps.disposal_step(exp.network, method, d, tx, teacher, exp.mesh)
+
+    def build_step():
+        tx = make_optimizer(d.optim, d.steps)
+        return tx, steps.disposal_step(exp.network, method, d, tx, exp.mesh)
+
+    tx, step = exp.compiled.get(("disposal", c.model, method, d, exp.mesh), build_step)
+    state = steps.replicate(exp.mesh, steps.init_state(start, tx, exp.stream("disposal-rng")))
     d_ = c.data
     source_seed = exp.stream("disposal-source-batches")
     if disposal_loss(method).collision and d.chunking == "by_class":
@@ -469,7 +473,8 @@ def dispose(exp: Experiment, method: str, tl: dict) -> tuple[dict, dict]:
     monitor = DisposalMonitor(exp, start, teacher)
     progress = _progress(exp, directory)
     state, history, halted_at = run_steps(
-        step, state, zip(source_batches, target_batches), d.steps, desc=f"disposal {method}", every=d.eval_every,
+        lambda state, s, t: step(state, teacher, s, t), state, zip(source_batches, target_batches), d.steps,
+        desc=f"disposal {method}", every=d.eval_every,
         on_check=monitor.on_check, quiet=exp.quiet, progress=progress, bookkeeping=monitor, writer=exp.writer,
         place=lambda s, t: place_disposal_batches(exp.mesh, d.num_chunks, s, t),
     )  # fmt: skip

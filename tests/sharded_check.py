@@ -137,18 +137,18 @@ def main() -> None:
         config = DisposalConfig(num_chunks=k, source_batch_size=n_source, gc_lambda=0.5, retain=retain,
                                 optim=OptimConfig(optimizer="sgd", learning_rate=0.05, clip_norm=1.0))  # fmt: skip
         tx = make_optimizer(config.optim, 10)
-        reference = steps.disposal_step(network, method, config, tx, variables, data_mesh(1))
-        state, metrics = reference(steps.init_state(variables, tx, 0), source, target)
+        reference = steps.disposal_step(network, method, config, tx, data_mesh(1))
+        state, metrics = reference(steps.init_state(variables, tx, 0), variables, source, target)
         ref_unlearn, ref_params = float(metrics["unlearn"]), jax.device_get(state["params"])
         out[name] = {}
         for n in device_counts:
             start = time.perf_counter()
             mesh = data_mesh(n)
             variant = dataclasses.replace(config, gc_low_memory=low_memory)
-            step = steps.disposal_step(network, method, variant, tx, variables, mesh)
+            step = steps.disposal_step(network, method, variant, tx, mesh)
             placed = place_disposal_batches(mesh, k, source, target)
-            compiled = step.lower(steps.init_state(variables, tx, 0), *placed).compile()
-            state, metrics = compiled(steps.init_state(variables, tx, 0), *placed)
+            compiled = step.lower(steps.init_state(variables, tx, 0), variables, *placed).compile()
+            state, metrics = compiled(steps.init_state(variables, tx, 0), variables, *placed)
             got = jax.device_get(state["params"])
             hlo = compiled.as_text()
             layout = chunk_layout(n, k, n_source)

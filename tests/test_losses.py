@@ -90,7 +90,7 @@ def test_unknown_disposal_method_is_an_error_not_gradient_ascent():
     from dtl_jax.train.steps import disposal_step
 
     with pytest.raises(ValueError, match="unknown disposal method 'mine'"):
-        disposal_step(None, "mine", DisposalConfig(), None, {})
+        disposal_step(None, "mine", DisposalConfig(), None)
 
 
 @pytest.mark.parametrize("name", ["rtf", "utf", "ga", "ce", "kd"])

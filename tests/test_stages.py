@@ -99,3 +99,28 @@ def test_refit_keeps_the_backbone_and_its_batchnorm_statistics_frozen(tmp_path):
 def test_unknown_stage_is_a_key_error(stage):
     with pytest.raises(KeyError):
         stages.stage_key(Config(), stage)
+
+
+@pytest.mark.slow
+def test_seeds_share_the_disposal_program_and_each_distils_from_its_own_teacher(tmp_path):
+    """The disposal step compiles once for all seeds (the teacher is an argument, not a constant; the
+    state keeps its sharding from step to step), and a seed's disposal is the same whether its step was
+    compiled for it or for an earlier seed."""
+    config = dataclasses.replace(tiny_config(), disposal=dataclasses.replace(tiny_config().disposal, methods=("gc",)))
+    shared = stages.Compiled()
+
+    def disposed(seed: int, compiled: stages.Compiled, workdir) -> dict:
+        exp = stages.build_experiment(dataclasses.replace(config, seed=seed), workdir, quiet=True, compiled=compiled)
+        tl, _ = stages.transfer(exp, stages.pretrain(exp)[0])
+        return jax.device_get(stages.dispose(exp, "gc", tl)[0])
+
+    disposed(0, shared, tmp_path / "shared-0")
+    programs = [fn for key, fn in shared._functions.items() if key[0] == "disposal"]
+    assert len(programs) == 1
+    step = programs[0][1]
+    assert step._cache_size() == 1, "the state's sharding changed between steps: one compilation more"
+    reused = disposed(1, shared, tmp_path / "shared-1")
+    assert [fn for key, fn in shared._functions.items() if key[0] == "disposal"] == programs
+    assert step._cache_size() == 1, "the second seed recompiled the disposal step"
+    fresh = disposed(1, stages.Compiled(), tmp_path / "fresh-1")
+    assert jax.tree.all(jax.tree.map(np.array_equal, reused, fresh))

@@ -93,7 +93,7 @@ def _guarded_update(state, grads, loss, batch_stats, rng, tx, max_grad_norm):
     return new, {"loss": loss, "grad_norm": grad_norm}
 
 
-def _replicate(mesh: Mesh, tree):
+def replicate(mesh: Mesh, tree):
     """``tree`` placed whole on every device of ``mesh`` (leaves already so placed are kept as they are)."""
     sharding = NamedSharding(mesh, P())
 
@@ -178,7 +178,7 @@ class DataParallel:
         self.whole = jax.jit(fn, donate_argnums=donate_argnums, out_shardings=out)  # uneven, not split
 
     def replicate(self, tree):
-        return _replicate(self.mesh, tree)
+        return replicate(self.mesh, tree)
 
     def place(self, *args) -> tuple:
         head, batches = args[: self.replicated], args[self.replicated :]
@@ -276,14 +276,14 @@ def merge_params(gc_part: dict, rest: dict) -> dict:
     return {"backbone": gc_part["backbone"], "heads": {**rest["heads"], **gc_part["heads"]}}
 
 
-def disposal_step(
-    network: Network, method: str, config: DisposalConfig, tx, teacher: dict, mesh: Mesh | None = None
-) -> Step:
-    """Knowledge disposal (METHODS.md §1): ``L_retain + λ · L_unlearn`` from the TL model.
+def disposal_step(network: Network, method: str, config: DisposalConfig, tx, mesh: Mesh | None = None) -> Step:
+    """Knowledge disposal (METHODS.md §1): ``step(state, teacher, source_batch, target_batch)``, one step of
+    ``L_retain + λ · L_unlearn`` from the TL model.
 
     ``method`` names the unlearning loss on the source batch (``losses.DISPOSAL_LOSSES``: gc, ngc, rtf,
     utf, ga); ``config.retain`` the retaining loss (tgt_kd, src_kd, ce) with ``teacher`` the frozen TL
-    model's variables.
+    model's variables. The teacher is an argument (not donated), not a constant of the program, so one
+    compiled step serves every seed of a multi-seed run.
 
     One code path for any number of devices: the step runs under ``jax.shard_map`` over the devices of
     ``mesh`` (default: the first device alone), viewed as a ``c x e`` grid (``mesh.chunk_layout``): the
@@ -302,7 +302,7 @@ def disposal_step(
     mesh = mesh if mesh is not None else Mesh(np.array(jax.devices()[:1]), (AXIS,))
     devices = mesh.devices.size
 
-    def local(layout, sizes, params, batch_stats, source_batch, target_batch):
+    def local(layout, sizes, params, batch_stats, teacher, source_batch, target_batch):
         n_source, n_target = sizes  # real examples in the global batches
         grid_axes = layout.axes
 
@@ -377,7 +377,7 @@ def disposal_step(
             batch = jax.tree.map(lambda x: jnp.take(x, rows, axis=0), batch)
         return batch if mask is None else {**batch, "mask": jnp.asarray(mask)}
 
-    def step(state, source_batch, target_batch):
+    def step(state, teacher, source_batch, target_batch):
         rng, key = jax.random.split(state["rng"])
         source_batch = {"image": source_batch["image"], "label": source_batch["label"]}
         target_batch = {"image": target_batch["image"], "label": target_batch["label"]}
@@ -389,16 +389,20 @@ def disposal_step(
         sharded = jax.shard_map(
             lambda *args: local(layout, (n_source, n_target), *args),
             mesh=layout.grid(mesh),
-            in_specs=(P(), P(), P(layout.axes), P(layout.axes)),
+            in_specs=(P(), P(), P(), P(layout.axes), P(layout.axes)),
             out_specs=(P(), P(), P(), P(), P()),
         )
         source_batch = lay_out(source_batch, *layout.source_rows())
         target_batch = lay_out(target_batch, *padded_rows(n_target, devices))
-        loss, grads, stats, retain, unlearn = sharded(state["params"], state["batch_stats"], source_batch, target_batch)
+        loss, grads, stats, retain, unlearn = sharded(
+            state["params"], state["batch_stats"], teacher, source_batch, target_batch
+        )
         new, metrics = _guarded_update(state, grads, loss, stats, rng, tx, config.max_grad_norm)
         return new, {**metrics, "retain": retain, "unlearn": unlearn}
 
-    return jax.jit(step, donate_argnums=0)
+    # Everything out replicated on ``mesh``: a state placed so (``replicate``) comes back with the same
+    # sharding, so the step compiles once, not once more for the shard_map grid's sharding of its output.
+    return jax.jit(step, donate_argnums=0, out_shardings=NamedSharding(mesh, P()))
 
 
 def predict_fn(network: Network, head: str, mesh: Mesh | None = None) -> DataParallel:
