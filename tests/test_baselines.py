@@ -324,6 +324,31 @@ def test_boundary_neighbour_labels_match_the_reference_procedure(trained):
     np.testing.assert_array_equal(neighbour_labels(ctx), expected)
 
 
+@pytest.mark.slow
+def test_salun_and_boundary_preprocessing_run_on_every_device(trained, monkeypatch):
+    """The saliency pass and the neighbour labels are ``steps.DataParallel`` over every device (run with
+    ``JAX_NUM_CPU_DEVICES=4`` by ``tests/test_data_parallel.py``)."""
+    from dtl_jax.train import steps
+    from dtl_jax.unlearn.methods.boundary_shrink import neighbour_labels
+    from dtl_jax.unlearn.methods.salun import saliency
+
+    built = []
+    original_init = steps.DataParallel.__init__
+
+    def spy(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        built.append(self)
+
+    monkeypatch.setattr(steps.DataParallel, "__init__", spy)
+    config, network, scenario, original = trained
+    ctx = Context(config, network, scenario, original, 1, quiet=True)
+    for preprocess in (saliency, neighbour_labels):
+        built.clear()
+        preprocess(ctx)
+        assert built, f"{preprocess.__name__} ran no steps.DataParallel"
+        assert {p.devices for p in built} == {jax.device_count()}
+
+
 # --- MIA-efficacy ---------------------------------------------------------------------------------------
 
 

@@ -353,6 +353,21 @@ def test_end_to_end_on_four_devices_equals_one(tmp_path, kind):
 
 
 @pytest.mark.slow
+def test_salun_saliency_and_boundary_labels_on_four_devices_match_their_references():
+    """SalUn's saliency pass and Boundary shrink's neighbour labels run data-parallel over all 4 devices of
+    a process, and still match their references (``tests/test_baselines.py``, run in such a process)."""
+    env = {**os.environ, "JAX_NUM_CPU_DEVICES": "4", "JAX_PLATFORMS": "cpu"}
+    tests = str(Path(__file__).with_name("test_baselines.py"))
+    selected = "salun_mask_is_the_reference or salun_selects_exactly_k or boundary_neighbour_labels or every_device"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", tests, "-k", selected],
+        env=env, capture_output=True, text=True, timeout=900, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "4 passed" in proc.stdout, proc.stdout[-2000:]
+
+
+@pytest.mark.slow
 def test_unlearn_as_two_processes_equals_one(tmp_path):
     """``unlearn`` as a 2-process job (jax.distributed over gloo, one CPU device each): every stage on both
     processes' devices, each process feeding its slice of every batch, gives the 1-process metrics.

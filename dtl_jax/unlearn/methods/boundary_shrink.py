@@ -17,6 +17,7 @@ import numpy as np
 
 from dtl_jax import losses
 from dtl_jax.data.sources import ImageSplit
+from dtl_jax.train import steps
 from dtl_jax.unlearn.methods._common import epochs_of, forward, supervised
 from dtl_jax.unlearn.registry import Context, register
 
@@ -44,11 +45,12 @@ def neighbour_labels(ctx: Context) -> np.ndarray:
     network, original, d = ctx.network, ctx.original, ctx.config.data
     neighbours = make_neighbours(network, original, ctx.u.boundary_step, d.mean, d.std)
 
-    @jax.jit
-    def label(images, labels):
+    def predicted(images, labels):
         _, x = neighbours(images, labels)
         logits, _, _ = forward(network, original["params"], original["batch_stats"], (x - d.mean) / d.std, train=False)
         return jnp.argmax(logits, -1)
+
+    label = steps.DataParallel(predicted, replicated=0)  # examples are independent: split over every device
 
     forget, size = ctx.scenario.forget, ctx.config.eval.batch_size
     out = []

@@ -28,13 +28,15 @@ def saliency(ctx: Context) -> dict:
     network, original = ctx.network, ctx.original
     d = ctx.config.data
 
-    @jax.jit
-    def batch_grad(params, batch):
+    def grad_of_batch(params, batch):
         def neg_ce(p):
             logits, _, _ = forward(network, p, original["batch_stats"], batch["image"], train=False)
             return -losses.cross_entropy(logits, batch["label"], batch["mask"])  # mean over real examples
 
         return jax.grad(neg_ce)(params)
+
+    # data-parallel over every device (the global batch's mean, as on one device)
+    batch_grad = steps.DataParallel(grad_of_batch, replicated=1)
 
     total = None
     for batch in pipeline.eval_batches(ctx.scenario.forget, ctx.u.optim.batch_size, mean=d.mean, std=d.std):
