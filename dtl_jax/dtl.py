@@ -47,6 +47,8 @@ def run(
     tl, transfer_meta = stages.transfer(exp, pretrained)
     records = {"pretrain": pretrain_meta, "transfer": transfer_meta}
     models = {"random_init": stages.random_init(exp), "tl": tl}
+    if c.disposal.methods and c.disposal.refit_source_head:  # shared by every method (checkpointed)
+        records["refit"] = stages.refit_source_head(exp, tl)[1]
     disposal = {}
     for method in c.disposal.methods:
         models[method], disposal[method] = stages.dispose(exp, method, tl)

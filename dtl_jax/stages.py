@@ -343,8 +343,9 @@ def fit_head(
     return jax.device_get(head), history
 
 
-def refit_source_head(exp: Experiment, tl: dict) -> dict:
-    """Optional (``disposal.refit_source_head``): re-fit the stale source head on the frozen TL backbone.
+def refit_source_head(exp: Experiment, tl: dict) -> tuple[dict, dict]:
+    """Optional (``disposal.refit_source_head``): re-fit the stale source head on the frozen TL backbone;
+    returns ``(variables, meta)``.
 
     The backbone is frozen in fact: its features of the source training data are computed once, in eval
     mode (BatchNorm statistics untouched), and the head (starting from its pre-trained values) is fitted
@@ -352,7 +353,7 @@ def refit_source_head(exp: Experiment, tl: dict) -> dict:
     c = exp.config
     directory = exp.checkpoint_dir(stage_key(c, "refit"))
     if checkpoint.exists(directory):
-        return checkpoint.restore(directory, tl)[0]
+        return checkpoint.restore(directory, tl)
     start = time.perf_counter()
     _, features = exp.predict(tl, exp.source.train, "source")
     head, history = fit_head(
@@ -364,7 +365,7 @@ def refit_source_head(exp: Experiment, tl: dict) -> dict:
     }
     meta = {"history": history, "devices": exp.devices, "seconds": time.perf_counter() - start}
     checkpoint.save(directory, variables, meta)
-    return variables
+    return variables, meta
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -451,7 +452,7 @@ def dispose(exp: Experiment, method: str, tl: dict) -> tuple[dict, dict]:
         return checkpoint.restore(directory, tl)
     start_time = time.perf_counter()
     teacher = steps.replicate(exp.mesh, tl)  # an argument of the step: the seeds share its program
-    start = refit_source_head(exp, tl) if d.refit_source_head else tl
+    start = refit_source_head(exp, tl)[0] if d.refit_source_head else tl
 
     def build_step():
         tx = make_optimizer(d.optim, d.steps)

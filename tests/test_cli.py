@@ -178,6 +178,7 @@ def test_divergence_is_caught_recorded_and_metrics_stay_finite(tmp_path):
         row = results["models"][method]
         assert all(np.isfinite(row[k]) for k in ("target_acc", "source_acc", "pl_acc", "mia_acc"))
     assert results["stages"]["pretrain"]["diverged"] is False
+    assert "refit" not in results["stages"]  # disposal.refit_source_head is off in this config
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["disposal"]["gc"]["diverged"] is True
 

@@ -347,7 +347,7 @@ def test_end_to_end_on_four_devices_equals_one(tmp_path, kind):
     assert {stage["devices"] for stage in four["stages"].values()} == {4}
     assert {stage["devices"] for stage in one["stages"].values()} == {1}
     if kind == "run":
-        assert {"pretrain", "transfer", "disposal gc", "piggyback tl"} <= set(four["stages"])
+        assert {"pretrain", "transfer", "refit", "disposal gc", "piggyback tl"} <= set(four["stages"])
     else:
         assert set(four["stages"]) == set(four["methods"])  # the original model and every method
 

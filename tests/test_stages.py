@@ -77,7 +77,8 @@ def test_refit_keeps_the_backbone_and_its_batchnorm_statistics_frozen(tmp_path):
     exp = stages.build_experiment(config, tmp_path, quiet=True)
     pretrained, _ = stages.pretrain(exp)
     tl, _ = stages.transfer(exp, pretrained)
-    refit = stages.refit_source_head(exp, tl)
+    refit, meta = stages.refit_source_head(exp, tl)
+    assert meta["devices"] == exp.devices and meta["history"]
     for part in ("backbone",):
         assert jax.tree.all(jax.tree.map(np.array_equal, refit["params"][part], tl["params"][part]))
     assert jax.tree.leaves(tl["batch_stats"]), "the model must have BatchNorm statistics for this test"
