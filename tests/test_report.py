@@ -101,3 +101,27 @@ def test_summary_report_shows_intervals_per_seed_points_and_pl_by_budget(tmp_pat
     assert (tmp_path / "seed_bars.png").stat().st_size > 1000 and (tmp_path / "pl_by_shots.png").stat().st_size > 1000
     gc = summary["rows"]["gc"]["pl_acc"]
     assert f"{gc['mean']:.3f} ± {gc['ci95']:.3f}" in page and "over seeds [0, 1, 2]" in page
+
+
+@pytest.mark.parametrize("tensorboard", [True, False])
+def test_metrics_writer_logs_jsonl_with_or_without_tensorboardx(tmp_path, monkeypatch, tensorboard):
+    """The JSONL log (what the report reads) is written either way; TensorBoard events only with
+    tensorboardX importable, and its absence is a warning, not a crash mid-run."""
+    import sys
+
+    from dtl_jax.train import metrics
+
+    if not tensorboard:
+        monkeypatch.setitem(sys.modules, "tensorboardX", None)  # import raises ImportError
+    writer = metrics.MetricsWriter(tmp_path)
+    rows = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
+    if tensorboard:
+        writer.write("pretrain", rows)
+    else:
+        with pytest.warns(UserWarning, match="tensorboardX is not installed"):
+            writer.write("pretrain", rows)
+    writer.write("pretrain", [{"step": 3, "loss": 1.0}])
+    writer.close()
+    assert [r["loss"] for r in metrics.read(tmp_path)["pretrain"]] == [2.0, 1.5, 1.0]
+    events = list((tmp_path / "logs").glob("tensorboard/events.*"))
+    assert bool(events) == tensorboard

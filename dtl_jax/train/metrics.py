@@ -1,5 +1,6 @@
 """The one metrics writer: training metrics as JSONL (``WORKDIR/logs/metrics.jsonl``, read by the report)
-and as TensorBoard event files (``WORKDIR/logs/tensorboard``, through tensorboardX).
+and as TensorBoard event files (``WORKDIR/logs/tensorboard``, through tensorboardX; without tensorboardX
+installed, a warning and the JSONL log alone).
 
 Each row is ``{"stage": ..., "step": ..., <metric>: value, ...}``. After a resume, the steps between the
 last checkpoint and the kill are logged again; readers keep the last row of a ``(stage, step)``.
@@ -8,6 +9,7 @@ last checkpoint and the kill are logged again; readers keep the last row of a ``
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import jax
@@ -27,9 +29,15 @@ class MetricsWriter:
             for row in rows:
                 f.write(json.dumps({"stage": stage, **row}) + "\n")
         if self._tensorboard is None:
-            from tensorboardX import SummaryWriter
-
+            try:
+                from tensorboardX import SummaryWriter
+            except ImportError:  # a declared dependency, but an image may lack it: the JSONL log is enough
+                warnings.warn("tensorboardX is not installed: no TensorBoard events, metrics.jsonl only", stacklevel=2)
+                self._tensorboard = False
+                return
             self._tensorboard = SummaryWriter(str(self.directory / "tensorboard"))
+        if self._tensorboard is False:
+            return
         for row in rows:
             for key, value in row.items():
                 if key != "step":
@@ -37,9 +45,9 @@ class MetricsWriter:
         self._tensorboard.flush()
 
     def close(self) -> None:
-        if self._tensorboard is not None:
+        if self._tensorboard:
             self._tensorboard.close()
-            self._tensorboard = None
+        self._tensorboard = None
 
 
 def read(workdir: str | Path) -> dict[str, list[dict]]:
