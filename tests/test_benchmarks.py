@@ -68,3 +68,16 @@ def test_per_stage_scaling_on_two_devices(tmp_path):
             assert set(two["collectives"]) == {"all-gather"}  # the logits; features stay on their devices
         else:
             assert "all-reduce" in two["collectives"]
+
+
+@pytest.mark.slow
+def test_seeds_benchmark_reports_both_ratios_and_each_seed(tmp_path):
+    out = tmp_path / "seeds.json"
+    config = str(REPO / "configs" / "digits.py")
+    _run([str(REPO / "benchmarks" / "seeds.py"), "--config", config, "--seeds", "0-1", "--json", str(out)], tmp_path)
+    report = json.loads(out.read_text())
+    assert len(report["many_seeds_each_s"]) == 2
+    assert sum(report["many_seeds_each_s"]) <= report["many_seeds_s"]  # the seeds ran inside that process
+    one = report["one_seed_s"]  # times are rounded to 0.1 s, the ratios computed before rounding
+    assert report["warm_cache_ratio"] == pytest.approx(report["second_run_warm_cache_s"] / one, rel=1e-2)
+    assert report["many_seeds_ratio"] == pytest.approx(report["many_seeds_s"] / one, rel=1e-2)
