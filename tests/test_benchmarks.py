@@ -1,6 +1,6 @@
 """The benchmark scripts keep working: the accelerator suite in its tiny mode (what CI runs on a CPU), the
-per-stage scaling sweep on 1 and 2 CPU devices, and the seeds benchmark on digits. Timings are never checked (they depend on the machine);
-the structure and the counts that do not are."""
+per-stage scaling sweep on 1 and 2 CPU devices, and the seeds benchmark on digits. Timings are never
+checked (they depend on the machine); the structure and the counts that do not are."""
 
 import json
 import os
