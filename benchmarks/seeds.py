@@ -26,7 +26,7 @@ import tempfile
 import time
 
 from dtl_jax.cli import parse_seeds
-from dtl_jax.dtl import seed_dir
+from dtl_jax.workdir import seed_dir
 
 
 def timed(argv: list[str], cache: str) -> float:

@@ -21,7 +21,7 @@ from dtl_jax import compilation_cache, stages
 from dtl_jax.config import Config, to_dict, validate
 from dtl_jax.summary import format_table as format_summary_table
 from dtl_jax.summary import summarize
-from dtl_jax.workdir import claim, prepare, versions, write_json
+from dtl_jax.workdir import claim, prepare, seed_dir, versions, write_json
 
 REFERENCE = "tl"  # paired differences in summary.json are taken against the TL model
 
@@ -98,10 +98,6 @@ def _topology() -> tuple[int, int]:
     import jax
 
     return len(jax.devices()), jax.process_count()
-
-
-def seed_dir(workdir: str | os.PathLike, seed: int) -> Path:
-    return Path(workdir) / f"seed-{seed}"
 
 
 def run_seeds(

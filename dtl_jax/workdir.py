@@ -25,6 +25,11 @@ SECTIONS = {
 }
 
 
+def seed_dir(workdir: str | os.PathLike, seed: int) -> Path:
+    """Where one seed of a multi-seed run (``--seeds``) writes, as a single run would."""
+    return Path(workdir) / f"seed-{seed}"
+
+
 def fingerprint(*parts) -> str:
     """A short hash of config sections (dataclasses) and plain values."""
     text = json.dumps([dataclasses.asdict(p) if dataclasses.is_dataclass(p) else p for p in parts], sort_keys=True)

@@ -29,6 +29,7 @@ import numpy as np
 from dtl_jax import cli, dtl, stages
 from dtl_jax import config as C
 from dtl_jax.summary import describe, mean_ci
+from dtl_jax.workdir import seed_dir
 
 GRID = {"disposal.gc_lambda": ["0.001", "0.003", "0.01", "0.03", "0.1"]}
 MAX_TARGET_DROP = 0.03
@@ -55,7 +56,7 @@ def main() -> None:
         dtl.run_seeds(config, seeds, args.workdir, quiet=True, overwrite=True, compiled=compiled)
         cut, drop = [], []
         for seed in seeds:
-            models = json.loads((dtl.seed_dir(args.workdir, seed) / "results.json").read_text())["models"]
+            models = json.loads((seed_dir(args.workdir, seed) / "results.json").read_text())["models"]
             cut.append(models["tl"]["pl_val_acc"] - models["gc"]["pl_val_acc"])
             drop.append(models["tl"]["target_val_acc"] - models["gc"]["target_val_acc"])
         row = {"overrides": overrides, "seeds": seeds, "pl_val_cut": describe(cut), "target_val_drop": describe(drop)}

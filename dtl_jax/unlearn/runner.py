@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import os
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from dtl_jax.config import Config, to_dict, validate
 from dtl_jax.data.tasks import make_task
 from dtl_jax.evaluate import predict
 from dtl_jax.models import build
+from dtl_jax.stages import Compiled
 from dtl_jax.summary import format_table as format_summary_table
 from dtl_jax.summary import summarize
 from dtl_jax.train import steps
@@ -30,7 +30,7 @@ from dtl_jax.train.optim import make_optimizer
 from dtl_jax.unlearn.metrics import gap_to_oracle, unlearning_metrics
 from dtl_jax.unlearn.registry import HEAD, Context, load_methods, method_names
 from dtl_jax.unlearn.scenario import make_scenario
-from dtl_jax.workdir import claim, fingerprint, prepare, versions, write_json
+from dtl_jax.workdir import claim, fingerprint, prepare, seed_dir, versions, write_json
 
 REFERENCES = ("retrain", "ft")  # paired differences in summary.json are taken against these
 
@@ -53,15 +53,11 @@ def compile_seconds():
         monitoring.unregister_event_duration_listener(listener)
 
 
-@functools.lru_cache(maxsize=4)
-def _predictor(network) -> steps.DataParallel:
-    """The eval-mode forward through the classifier head, data-parallel over every device (compiled once
-    per network, not once per evaluated model)."""
-    return steps.predict_fn(network, HEAD)
-
-
-def _outputs(network, variables, scenario, config) -> dict:
-    fn = _predictor(network)
+def _outputs(network, variables, scenario, config, compiled: Compiled | None = None) -> dict:
+    # the eval-mode forward through the classifier head, data-parallel over every device: compiled once
+    # for every evaluated model and every seed that shares ``compiled``
+    compiled = compiled or Compiled()
+    fn = compiled.get(("predict", config.model, HEAD), lambda: steps.predict_fn(network, HEAD))
     d = config.data
     out = {}
     for name in ("forget", "retain", "test"):
@@ -74,18 +70,22 @@ def _outputs(network, variables, scenario, config) -> dict:
 METRIC_KEYS = ("ua", "ra", "ta", "mia_efficacy", "rep_mia", "loss_mia")
 
 
-def _metrics(network, variables, scenario, config) -> dict:
+def _metrics(network, variables, scenario, config, compiled: Compiled | None = None) -> dict:
     """The metrics, or None for each when the model's outputs are not finite (a diverged method)."""
-    outputs = _outputs(network, variables, scenario, config)
+    outputs = _outputs(network, variables, scenario, config, compiled)
     if not all(np.isfinite(logits).all() and np.isfinite(features).all() for logits, features, _ in outputs.values()):
         return {**dict.fromkeys(METRIC_KEYS), "nonfinite_outputs": True}
     return {**unlearning_metrics(outputs, config.seed), "nonfinite_outputs": False}
 
 
-def run(config: Config, workdir, *, quiet: bool = False, overwrite: bool = False) -> dict:
+def run(
+    config: Config, workdir, *, quiet: bool = False, overwrite: bool = False, compiled: Compiled | None = None
+) -> dict:
     """Unlearning with every configured method; writes ``workdir/results.json``. A workdir made by a run
-    with another config is refused unless ``overwrite``."""
+    with another config is refused unless ``overwrite``. ``compiled`` (shared by ``run_seeds``) caches the
+    jitted evaluation."""
     config = validate(config)
+    compiled = compiled or Compiled()
     compilation_cache.enable(config.compilation_cache)
     workdir = prepare(Path(workdir), config, "unlearn", overwrite)
     start = time.perf_counter()
@@ -117,7 +117,7 @@ def run(config: Config, workdir, *, quiet: bool = False, overwrite: bool = False
 
     methods = load_methods()
     histories = {"original": original_meta["history"]}
-    rows = {"original": _metrics(network, original, scenario, config)}
+    rows = {"original": _metrics(network, original, scenario, config, compiled)}
     rows["original"].update(rt_s=0.0, compile_s=0.0, diverged=False, halted_at=None)
     for name in u.methods or method_names():
         method_key = dataclasses.replace(u, methods=())  # the list of methods run does not change one
@@ -137,7 +137,7 @@ def run(config: Config, workdir, *, quiet: bool = False, overwrite: bool = False
             checkpoint.save(directory, unlearned, meta)
             checkpoint.remove(progress_root)
         histories[name] = meta["history"]
-        row = _metrics(network, unlearned, scenario, config)
+        row = _metrics(network, unlearned, scenario, config, compiled)
         halted = [h["halted_at"] for h in meta["history"] if h.get("halted_at") is not None]
         row.update(rt_s=meta["rt_s"], compile_s=meta["compile_s"], diverged=bool(halted))
         row["halted_at"] = halted[0] if halted else None
@@ -187,10 +187,11 @@ def run_seeds(config: Config, seed_list: list[int], workdir, *, quiet: bool = Fa
     paired per-seed differences to Retrain and to FT."""
     config = validate(config)
     start = time.perf_counter()
+    compiled = Compiled()
     per_seed = {}
     for seed in seed_list:
         one = dataclasses.replace(config, seed=seed)
-        results = run(one, Path(workdir) / f"seed-{seed}", quiet=quiet, overwrite=overwrite)
+        results = run(one, seed_dir(workdir, seed), quiet=quiet, overwrite=overwrite, compiled=compiled)
         per_seed[seed] = {
             name: {k: v for k, v in row.items() if k in SUMMARY_KEYS} for name, row in results["methods"].items()
         }
