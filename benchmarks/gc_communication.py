@@ -39,6 +39,7 @@ def measure(args: argparse.Namespace) -> dict:
     import numpy as np
 
     from dtl_jax.config import Config
+    from dtl_jax.disposal_objective import split_gc_params
     from dtl_jax.models import build
     from dtl_jax.train import steps
     from dtl_jax.train.mesh import all_reduce_sizes, chunk_layout, data_mesh, place_disposal_batches
@@ -51,7 +52,7 @@ def measure(args: argparse.Namespace) -> dict:
     variables = network.init(jax.random.PRNGKey(0), (size, size, channels), heads)
     params = variables["params"]
     p_all = int(sum(x.size for x in jax.tree.leaves(params)))
-    gc_part = steps.split_gc_params(params, c.disposal.gc_params)[0]
+    gc_part = split_gc_params(params, c.disposal.gc_params)[0]
     p_gc = int(sum(x.size for x in jax.tree.leaves(gc_part)))
     # the fused gradient all-reduce carries what gets a gradient: g_k's parameters and the target head
     # (the retain loss); XLA sends no all-reduce for a gradient that is zero by construction
@@ -74,9 +75,10 @@ def measure(args: argparse.Namespace) -> dict:
         tx = make_optimizer(config.optim, 10)
         for n in args.devices:
             mesh = data_mesh(n)
-            step = steps.disposal_step(network, args.method, config, tx, mesh)
+            step, weights = steps.disposal_program(network, args.method, config, tx, mesh)
             placed = place_disposal_batches(mesh, k, source, target)
-            hlo = step.lower(steps.init_state(variables, tx, 0), variables, *placed).compile().as_text()
+            state, teacher = steps.init_state(variables, tx, 0, mesh), steps.replicate(mesh, variables)
+            hlo = step.lower(state, teacher, weights, *placed).compile().as_text()
             sizes = all_reduce_sizes(hlo)
             layout = chunk_layout(n, k, args.source_batch)
             rows.append(

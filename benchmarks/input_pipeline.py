@@ -94,9 +94,10 @@ def measure(num_steps: int, rounds: int, log_every: int, method: str) -> dict:
     )
     mesh = data_mesh(d.devices)
     tx = make_optimizer(d.optim, d.steps)
-    dispose = steps.disposal_step(network, method, d, tx, mesh)
-    step = lambda state, source, target: dispose(state, variables, source, target)  # noqa: E731
-    state = steps.init_state(variables, tx, 0)
+    dispose, weights = steps.disposal_program(network, method, d, tx, mesh)
+    teacher = steps.replicate(mesh, variables)
+    step = lambda state, source, target: dispose(state, teacher, weights, source, target)  # noqa: E731
+    state = steps.init_state(variables, tx, 0, mesh)
     seed = config.seed + 32
     streams = {
         "loader": _loader(config, source, target, mesh, seed),

@@ -55,6 +55,7 @@ def child(args: argparse.Namespace) -> dict:
     import numpy as np
 
     from dtl_jax.config import DisposalConfig, ModelConfig, OptimConfig
+    from dtl_jax.disposal_objective import split_gc_params
     from dtl_jax.models import build
     from dtl_jax.train import steps
     from dtl_jax.train.mesh import all_reduce_sizes, chunk_layout, data_mesh, place_disposal_batches
@@ -83,17 +84,18 @@ def child(args: argparse.Namespace) -> dict:
     )
     tx = make_optimizer(config.optim, 1000)
     mesh = data_mesh(n)
-    step = steps.disposal_step(network, "gc", config, tx, mesh)
+    step, weights = steps.disposal_program(network, "gc", config, tx, mesh)
+    teacher = steps.replicate(mesh, variables)
     source_d, target_d = place_disposal_batches(mesh, args.chunks, source, target)
 
     start = time.perf_counter()
-    compiled = step.lower(steps.init_state(variables, tx, 0), variables, source_d, target_d).compile()
+    compiled = step.lower(steps.init_state(variables, tx, 0, mesh), teacher, weights, source_d, target_d).compile()
     compile_s = time.perf_counter() - start
     all_reduces = all_reduce_sizes(compiled.as_text())
 
     step = compiled  # run the AOT-compiled executable: no second compilation on the first call
     state, metrics = step(
-        steps.init_state(variables, tx, 0), variables, source_d, target_d
+        steps.init_state(variables, tx, 0, mesh), teacher, weights, source_d, target_d
     )  # one step from the TL state
     first = jax.device_get({"params": state["params"], "unlearn": metrics["unlearn"], "loss": metrics["loss"]})
     leaves = {str(i): np.asarray(x) for i, x in enumerate(jax.tree.leaves(first["params"]))}
@@ -102,10 +104,10 @@ def child(args: argparse.Namespace) -> dict:
     times = []
     for _ in range(args.repeats):
         t0 = time.perf_counter()
-        state, metrics = step(state, variables, source_d, target_d)
+        state, metrics = step(state, teacher, weights, source_d, target_d)
         jax.block_until_ready((state, metrics))
         times.append((time.perf_counter() - t0) * 1e3)
-    gc_size = sum(x.size for x in jax.tree.leaves(steps.split_gc_params(variables["params"], config.gc_params)[0]))
+    gc_size = sum(x.size for x in jax.tree.leaves(split_gc_params(variables["params"], config.gc_params)[0]))
     size = sum(x.size for x in jax.tree.leaves(variables["params"]))
     layout = chunk_layout(n, args.chunks, args.source_batch)
     return {
@@ -259,16 +261,17 @@ def stage_steps(mesh, tiny: bool = False) -> dict:
     fit = steps.DataParallel(head_step, mesh, replicated=2, donate_argnums=(0, 1))
     feats = rng.normal(size=(c.transfer.batch_size, head["kernel"].shape[0])).astype(np.float32)
     labels = (np.arange(len(feats)) % classes).astype(np.int32)
-    rows["refit"] = (fit, (jax.tree.map(jnp.array, head), tx_h.init(head), feats, labels), len(feats), True)
+    head_state = fit.replicate((jax.tree.map(jnp.array, head), tx_h.init(head)))
+    rows["refit"] = (fit, (*head_state, feats, labels), len(feats), True)
 
     d = c.disposal
     tx_d = make_optimizer(d.optim, 1000)
-    dispose = steps.disposal_step(network, "gc", d, tx_d, mesh)
+    dispose, weights = steps.disposal_program(network, "gc", d, tx_d, mesh)
     source, target = batch(d.source_batch_size), batch(c.transfer.batch_size)
     source_d, target_d = place_disposal_batches(mesh, d.num_chunks, source, target)
     rows["disposal"] = (
         dispose,
-        (steps.init_state(variables, tx_d, 0), variables, source_d, target_d),
+        (steps.init_state(variables, tx_d, 0, mesh), steps.replicate(mesh, variables), weights, source_d, target_d),
         len(source["label"]),
         True,
     )
@@ -282,11 +285,12 @@ def stage_steps(mesh, tiny: bool = False) -> dict:
     tx_u = make_optimizer(c.unlearn.optim, 1000)
     unlearn = steps.custom_step(scrub_min, tx_u, mesh=mesh)
     b = batch(c.unlearn.optim.batch_size)
-    rows["unlearn"] = (unlearn, (steps.init_state(variables, tx_u, 0), variables, b), len(b["label"]), True)
+    unlearn_args = (steps.init_state(variables, tx_u, 0, mesh), steps.replicate(mesh, variables), b)
+    rows["unlearn"] = (unlearn, unlearn_args, len(b["label"]), True)
 
     predict = steps.predict_fn(network, "source", mesh)
     eval_size = -(-c.eval.batch_size // n_devices) * n_devices
-    rows["predict"] = (predict, (variables, batch(eval_size)["image"]), eval_size, False)
+    rows["predict"] = (predict, (steps.replicate(mesh, variables), batch(eval_size)["image"]), eval_size, False)
     return rows
 
 

@@ -24,7 +24,7 @@ def get_config() -> Config:
         pretrain=OptimConfig(epochs=5, batch_size=50),
         transfer=OptimConfig(epochs=3, batch_size=50),
         disposal=dataclasses.replace(
-            base.disposal, steps=20, eval_every=10, source_batch_size=50, num_chunks=5, gc_lambda=0.01
+            base.disposal, steps=20, eval_every=10, source_batch_size=50, num_chunks=5, gc_lambda=0.01, probe_shots=5
         ),
         piggyback=PiggybackConfig(optimizer="sgd", learning_rate=0.01, epochs=5, batch_size=25, shots=(5,), repeats=2),
     )

@@ -149,7 +149,7 @@ def _method_names() -> str:
 
 def parse_seeds(spec: str) -> list[int]:
     """``"0-4"`` → [0, 1, 2, 3, 4]; ``"0,3,7"``; ``"0-2,5"``. A bad spec is a one-line ``UserError``."""
-    from dtl_jax.config import UserError
+    from dtl_jax.errors import UserError
 
     seeds: list[int] = []
     try:
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     from dtl_jax import config as config_lib
-    from dtl_jax.config import UserError
+    from dtl_jax.errors import UserError
 
     try:
         if args.command == "report":
@@ -205,10 +205,11 @@ def main(argv: list[str] | None = None) -> int:
             print(write_report(args.workdir))
             return 0
         if args.command == "data":
+            from dtl_jax import cli_data
             from dtl_jax.data import prepare as data_prep
 
             if args.data_command == "list":
-                print(data_prep.list_table(args.data_dir))
+                print(cli_data.list_table(args.data_dir))
             for name in args.names if args.data_command == "prepare" else ():
                 status = data_prep.prepare(name, args.data_dir, args.manual_dir, quiet=args.quiet)
                 print(f"{name}: {status.state} in {status.path}")

@@ -1,8 +1,8 @@
-"""Disposable transfer learning end to end (METHODS.md §1): one seed's ``results.json``, or several seeds
+"""Disposable transfer learning end to end (docs/methods.md §1): one seed's ``results.json``, or several seeds
 with ``summary.json``, and the printed tables.
 
     pre-train ─▶ transfer ─▶ disposal (gc, ngc, rtf, utf, ga) ─▶ piggyback learning ─▶ results.json
-    (dtl_jax/stages.py: each stage checkpointed under its stage key and reused when unchanged)
+    (dtl_jax/stages/: each stage checkpointed under its stage key and reused when unchanged)
 
 ``run_seeds`` runs every seed in one process, sharing the compiled steps, each seed in
 ``WORKDIR/seed-<s>/`` exactly as a single-seed run writes it (and resumable in the same way), then writes
@@ -12,16 +12,15 @@ and ``paired`` differences to TL.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from pathlib import Path
 
-from dtl_jax import compilation_cache, stages
-from dtl_jax.config import Config, to_dict, validate
-from dtl_jax.summary import format_table as format_summary_table
-from dtl_jax.summary import summarize
-from dtl_jax.workdir import claim, prepare, seed_dir, versions, write_json
+from dtl_jax import compilation_cache, runs, stages
+from dtl_jax.config import Config, to_dict
+from dtl_jax.summary import format_table as results_table
+from dtl_jax.train.compiled import Compiled
+from dtl_jax.workdir import claim, prepare, versions, write_json
 
 REFERENCE = "tl"  # paired differences in summary.json are taken against the TL model
 
@@ -32,11 +31,11 @@ def run(
     *,
     quiet: bool = False,
     overwrite: bool = False,
-    compiled: stages.Compiled | None = None,
+    compiled: Compiled | None = None,
 ) -> dict:
     """The whole DTL experiment for ``config.seed``; writes ``workdir/results.json`` (atomically) and
     returns the results. A workdir made by a run with another config is refused unless ``overwrite``."""
-    config = validate(config)
+    config = stages.check(config)
     compilation_cache.enable(config.compilation_cache)
     workdir = prepare(Path(workdir or config.workdir), config, "run", overwrite)
     start = time.perf_counter()
@@ -68,17 +67,9 @@ def run(
             )
         results["models"][name] = row
     records.update({f"disposal {m}": meta for m, meta in disposal.items()})
-    devices, processes = _topology()
     # Per stage: the divergence guard's record (a halted stage kept its last good state), and where it ran.
-    results["stages"] = {
-        name: {
-            "diverged": meta.get("halted_at") is not None,
-            "halted_at": meta.get("halted_at"),
-            "devices": meta.get("devices", 1),
-            "processes": processes if meta.get("devices", 1) == devices else 1,
-        }
-        for name, meta in records.items()
-    }
+    results["stages"] = {name: runs.stage_record(meta.get("halted_at"), meta.get("devices", 1))
+                         for name, meta in records.items()}  # fmt: skip
     for method, meta in disposal.items():
         results["disposal"][method] = {k: v for k, v in meta.items() if k != "history"}
         results["disposal"][method]["final_unlearn"] = meta["history"][-1]["unlearn"] if meta["history"] else None
@@ -94,12 +85,6 @@ def run(
     return results
 
 
-def _topology() -> tuple[int, int]:
-    import jax
-
-    return len(jax.devices()), jax.process_count()
-
-
 def run_seeds(
     config: Config,
     seeds: list[int],
@@ -107,24 +92,19 @@ def run_seeds(
     *,
     quiet: bool = False,
     overwrite: bool = False,
-    compiled: stages.Compiled | None = None,
+    compiled: Compiled | None = None,
 ) -> dict:
     """``run`` for every seed of ``seeds`` in this process (the compiled steps shared), each in
-    ``workdir/seed-<s>``; writes and returns ``workdir/summary.json``."""
-    config = validate(config)
-    compiled = compiled or stages.Compiled()
-    start = time.perf_counter()
-    per_seed = {}
-    for seed in seeds:
-        one = dataclasses.replace(config, seed=seed)
-        results = run(one, seed_dir(workdir, seed), quiet=quiet, overwrite=overwrite, compiled=compiled)
-        per_seed[seed] = {name: _scalars(row) for name, row in results["models"].items()}
-    summary = summarize(per_seed, (REFERENCE,))
-    summary.update(
-        kind="run", config=to_dict(dataclasses.replace(config, seed=seeds[0])), seconds=time.perf_counter() - start
-    )
-    write_json(Path(workdir) / "summary.json", summary)
-    return summary
+    ``workdir/seed-<s>`` (``runs.run_seeds``); writes and returns ``workdir/summary.json``."""
+    stages.check(config)  # an unknown disposal loss is refused before the first seed
+
+    def rows(results: dict) -> dict:
+        return {name: _scalars(row) for name, row in results["models"].items()}
+
+    return runs.run_seeds(
+        run, config, seeds, workdir, rows=rows, references=(REFERENCE,), kind="run", quiet=quiet,
+        overwrite=overwrite, compiled=compiled,
+    )  # fmt: skip
 
 
 def _scalars(row: dict) -> dict:
@@ -147,9 +127,5 @@ def format_table(results: dict) -> str:
     """The results table as printed by ``dtl-jax run`` (one seed), or the mean ± 95 % CI table of a
     ``summary.json`` (several seeds)."""
     if "rows" in results:
-        return format_summary_table(results, TABLE_COLUMNS, "model")
-    header = f"{'model':<12}" + "".join(f"{title:>12}" for _, title in TABLE_COLUMNS)
-    lines = [header, "-" * len(header)]
-    for name, row in results["models"].items():
-        lines.append(f"{name:<12}" + "".join(f"{row[key]:>12.3f}" for key, _ in TABLE_COLUMNS))
-    return "\n".join(lines)
+        return results_table(results["rows"], TABLE_COLUMNS, "model", seeds=results["seeds"])
+    return results_table(results["models"], TABLE_COLUMNS, "model", label_width=12, width=12)

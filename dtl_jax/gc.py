@@ -318,6 +318,18 @@ def _parse_axes(axis_name: AxisName) -> tuple[str | None, str | None]:
     raise ValueError(f"axis_name={axis_name!r}: expected None, an axis name, or (chunk_axis or None, example_axis)")
 
 
+def _weighted(per_example: LossFn, example_axis: str | None) -> LossFn:
+    """A chunk part's loss from per-example losses and weights, ``(data, w) -> e · Σ_i w_i ℓ_i``: the mean of
+    the ``e`` parts' losses (``_chunk_grads``) is then the weighted sum over the whole chunk."""
+
+    def loss_fn(params, part):
+        data, w = part
+        parts = jax.lax.axis_size(example_axis) if example_axis is not None else 1
+        return parts * jnp.sum(w * per_example(params, data))
+
+    return loss_fn
+
+
 def gc_loss(
     loss_fn: LossFn,
     params: PyTree,
@@ -329,12 +341,14 @@ def gc_loss(
     hvp: str = "jvp",
     low_memory: bool = False,
     axis_name: AxisName = None,
+    weights: jax.Array | None = None,
 ) -> jax.Array:
     """Gradient Collision loss (METHODS.md §1.1); NGC with ``normalized=True``.
 
     Args:
-      loss_fn: ``loss_fn(params, batch) -> scalar``, a *mean* loss over the examples of ``batch``.
-        It may close over other arrays (e.g. frozen parameters); they receive no gradient.
+      loss_fn: ``loss_fn(params, batch) -> scalar``, a *mean* loss over the examples of ``batch``
+        (with ``weights``: ``-> [b]``, the per-example losses of ``batch``). It may close over other arrays
+        (e.g. frozen parameters); they receive no gradient.
       params: the parameters that enter the chunk gradients ``g_k``; ``jax.grad`` of the result is
         taken with respect to them.
       batch: a pytree of arrays with a common leading batch axis ``B``, divisible by ``num_chunks``.
@@ -366,9 +380,8 @@ def gc_loss(
           (size ``c``, dividing ``K``), each chunk's examples over the second (size ``e``). ``batch`` is
           device ``(i, j)``'s part: for each of its ``K/c`` chunks in order, the ``j``-th of ``e``
           equal parts of that chunk's examples. ``loss_fn`` is the mean over a part; a chunk's loss is
-          the mean of its ``e`` parts' losses (equal weights: a caller that pads uneven parts must
-          weight its examples so that this holds). ``(None, "examples")``: every device holds a part of
-          every chunk (``c = 1``).
+          the mean of its ``e`` parts' losses (parts padded to equal size weigh their padding out with
+          ``weights``). ``(None, "examples")``: every device holds a part of every chunk (``c = 1``).
 
         Leave axes of size 1 out of the mesh (``dtl_jax.train.mesh.ChunkLayout.axes``): XLA keeps an
         all-reduce over a size-1 axis of a multi-device mesh.
@@ -379,6 +392,11 @@ def gc_loss(
         pass and again in the backward pass, which recomputes them) and, if ``c > 1``, one of ``P``
         (``G`` over the chunk axis). Scalars (``Σ||u_k||²``) ride along. The backward pass communicates
         nothing: see Returns.
+      weights: optional per-example weights ``[B]`` (sharded: of this device's part), for batches with
+        padding (jax_privacy's ``is_padding_example``: a padding example weighs 0). Chunk ``k``'s loss is
+        then ``Σ_{i∈B_k} w_i ℓ_i`` over all of its examples (sharded: over all of its parts), ``ℓ_i`` the
+        per-example losses ``loss_fn`` returns: weights ``1/m`` for a chunk's ``m`` real examples give the
+        mean over them, however the chunk is padded or split.
 
     Returns:
       A scalar of ``params``' dtype (float32 sums for narrower types): GC of the whole batch (sharded: of
@@ -404,6 +422,8 @@ def gc_loss(
     if num_chunks < 2:
         raise ValueError(f"num_chunks={num_chunks}: GC needs at least 2 chunks")
     axes = _parse_axes(axis_name)
+    if weights is not None:
+        batch, loss_fn = (batch, weights), _weighted(loss_fn, axes[1])
     if axes[0] is None and axes[1] is None:
         chunks = split_chunks(batch, num_chunks)
     else:

@@ -1,4 +1,4 @@
-"""Per-batch losses on logits (METHODS.md §1.2, §1.3). All return the mean over the batch.
+"""Per-batch losses on logits (docs/methods.md §1.2, §1.3). All return the mean over the batch.
 
 Shapes: ``logits [B, C]`` float, ``labels [B]`` int in ``[0, C)``. ``mask [B]`` (optional, bool)
 restricts the mean to the marked examples.
@@ -13,6 +13,8 @@ import chex
 import jax
 import jax.numpy as jnp
 import optax
+
+from dtl_jax.errors import UserError
 
 
 def _mean(values: jax.Array, mask: jax.Array | None) -> jax.Array:
@@ -83,24 +85,31 @@ def gradient_ascent(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class DisposalLoss:
-    """One unlearning loss of the disposal stage (METHODS.md §1.1, §1.3), on the source batch.
+    """One unlearning loss of the disposal stage (docs/methods.md §1.1, §1.3), on the source batch.
 
-    ``collision``: a GC-family loss computed from the chunk gradients (``dtl_jax.gc.gc_loss``),
-    ``normalized`` for NGC. Otherwise ``fooling(logits, labels)`` on the whole batch, where ``labels`` are
-    the true labels, or (``wrong_labels``) labels drawn uniformly from the other classes for the whole
-    global batch before it is split over devices (so the draw does not depend on the device count).
+    ``family`` names the term function that computes it (``dtl_jax.disposal_objective.TERMS``) and the λ
+    it is weighted by: ``collision``, a GC-family loss computed from the chunk gradients
+    (``dtl_jax.gc.gc_loss``), ``normalized`` for NGC; ``fooling``, ``fooling(logits, labels)`` on the whole
+    batch, where ``labels`` are the true labels or (``wrong_labels``) labels drawn uniformly from the other
+    classes for the whole global batch before it is split over devices (so the draw does not depend on the
+    device count).
     """
 
-    collision: bool = False
+    family: str = "fooling"  # collision | fooling
     normalized: bool = False
     fooling: Callable[[jax.Array, jax.Array], jax.Array] | None = None
     wrong_labels: bool = False
 
+    @property
+    def collision(self) -> bool:
+        return self.family == "collision"
 
-# The one list of disposal methods: config validation, the disposal step and the CLI read it.
+
+# The one list of disposal methods: the experiment resolves disposal.methods against it, the disposal
+# objective and the stage keys read it.
 DISPOSAL_LOSSES: dict[str, DisposalLoss] = {
-    "gc": DisposalLoss(collision=True),
-    "ngc": DisposalLoss(collision=True, normalized=True),
+    "gc": DisposalLoss("collision"),
+    "ngc": DisposalLoss("collision", normalized=True),
     "rtf": DisposalLoss(fooling=cross_entropy, wrong_labels=True),
     "utf": DisposalLoss(fooling=lambda logits, labels: uniform_target_fooling(logits)),
     "ga": DisposalLoss(fooling=gradient_ascent),
@@ -108,7 +117,7 @@ DISPOSAL_LOSSES: dict[str, DisposalLoss] = {
 
 
 def disposal_loss(name: str) -> DisposalLoss:
-    """The disposal loss called ``name``; an unknown name is an error (never a silent fallback)."""
+    """The disposal loss called ``name``; an unknown name is a ``UserError`` (never a silent fallback)."""
     if name not in DISPOSAL_LOSSES:
-        raise ValueError(f"unknown disposal method {name!r}: expected one of {', '.join(DISPOSAL_LOSSES)}")
+        raise UserError(f"unknown disposal loss {name!r}: expected one of {', '.join(DISPOSAL_LOSSES)}")
     return DISPOSAL_LOSSES[name]

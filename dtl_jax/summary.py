@@ -98,11 +98,23 @@ def shown(entry: dict) -> str:
     return "shown" if low > 0 or high < 0 else "not shown (interval contains 0)"
 
 
-def format_table(summary: dict, columns: tuple[tuple[str, str], ...], label: str, width: int = 16) -> str:
-    """The mean ± 95 % CI table over seeds, one row per model or method."""
-    header = f"{label:<16}" + "".join(f"{title:>{width}}" for _, title in columns)
-    lines = [f"mean ± 95 % CI over seeds {summary['seeds']}", header, "-" * len(header)]
-    for name, metrics in summary["rows"].items():
-        cells = "".join(f"{mean_ci(metrics[k]) if k in metrics else '-':>{width}}" for k, _ in columns)
-        lines.append(f"{name:<16}" + cells)
+def format_table(
+    rows: dict[str, dict], columns: tuple[tuple[str, str], ...], label: str, *, label_width: int = 16,
+    width: int = 16, seeds: list[int] | None = None,
+) -> str:  # fmt: skip
+    """The one results table: a row per model or method, a column per ``(metric key, title)``. A cell is a
+    number (``0.512``), a summary entry (``describe``: ``0.512 ± 0.021``, the mean ± 95 % CI) or ``-``
+    (``None`` or missing). With ``seeds``, a first line says which seeds the intervals are over."""
+
+    def cell(value) -> str:
+        if value is None:
+            return "-"
+        return mean_ci(value) if isinstance(value, dict) else f"{value:.3f}"
+
+    header = f"{label:<{label_width}}" + "".join(f"{title:>{width}}" for _, title in columns)
+    lines = [header, "-" * len(header)]
+    if seeds is not None:
+        lines.insert(0, f"mean ± 95 % CI over seeds {seeds}")
+    for name, metrics in rows.items():
+        lines.append(f"{name:<{label_width}}" + "".join(f"{cell(metrics.get(k)):>{width}}" for k, _ in columns))
     return "\n".join(lines)

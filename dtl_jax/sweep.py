@@ -17,7 +17,9 @@ from pathlib import Path
 
 from dtl_jax import config as config_lib
 from dtl_jax import dtl, stages
-from dtl_jax.config import Config, UserError
+from dtl_jax.config import Config
+from dtl_jax.errors import UserError
+from dtl_jax.train.compiled import Compiled
 from dtl_jax.workdir import write_json
 
 
@@ -60,8 +62,8 @@ def run(
     points = []
     combos = list(itertools.product(*[values for _, values in swept]))
     for combo in combos:  # validate every point before running any
-        config_lib.validate(config_lib.apply_overrides(base, [f"{k}={v}" for (k, _), v in zip(swept, combo)]))
-    compiled = stages.Compiled()  # every point and seed shares the compiled steps
+        stages.check(config_lib.apply_overrides(base, [f"{k}={v}" for (k, _), v in zip(swept, combo)]))
+    compiled = Compiled()  # every point and seed shares the compiled steps (λ is an argument of them)
     for combo in combos:
         overrides = [f"{k}={v}" for (k, _), v in zip(swept, combo)]
         point_config = config_lib.apply_overrides(base, overrides)

@@ -17,7 +17,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from dtl_jax.config import Config, UserError, to_dict
+from dtl_jax.config import Config, to_dict
+from dtl_jax.errors import UserError
 
 SECTIONS = {
     "run": ("seed", "data", "model", "pretrain", "transfer", "disposal", "piggyback", "eval"),

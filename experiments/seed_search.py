@@ -26,9 +26,10 @@ import time
 
 import numpy as np
 
-from dtl_jax import cli, dtl, stages
+from dtl_jax import cli, dtl
 from dtl_jax import config as C
 from dtl_jax.summary import describe, mean_ci
+from dtl_jax.train.compiled import Compiled
 from dtl_jax.workdir import seed_dir
 
 GRID = {"disposal.gc_lambda": ["0.001", "0.003", "0.01", "0.03", "0.1"]}
@@ -46,7 +47,7 @@ def main() -> None:
     grid = dict(g.split("=", 1) for g in args.grid) if args.grid else {k: ",".join(v) for k, v in GRID.items()}
     grid = {k: v.split(",") for k, v in grid.items()}
     base = C.apply_overrides(C.Config(), ["disposal.methods=gc", *args.fixed])
-    compiled = stages.Compiled()
+    compiled = Compiled()
     log = os.environ.get("LOG", os.path.join(args.workdir, "seed-search.jsonl"))
     rows = []
     for values in itertools.product(*grid.values()):

@@ -26,7 +26,7 @@ def tiny_config(**changes) -> Config:
         pretrain=OptimConfig(learning_rate=0.01, epochs=3, batch_size=32),
         transfer=OptimConfig(learning_rate=0.01, epochs=2, batch_size=32),
         disposal=dataclasses.replace(
-            base.disposal, steps=6, eval_every=3, source_batch_size=32, num_chunks=4, gc_lambda=0.01
+            base.disposal, steps=6, eval_every=3, source_batch_size=32, num_chunks=4, gc_lambda=0.01, probe_shots=4
         ),
         piggyback=PiggybackConfig(optimizer="sgd", learning_rate=0.01, epochs=2, batch_size=8, shots=(4,), repeats=1),
     )

@@ -30,15 +30,15 @@ def main(process_id: int, port: str, out: str) -> None:
     tx = make_optimizer(config.optim, 10)
 
     mesh = data_mesh()  # both processes' devices
-    step = steps.disposal_step(network, "gc", config, tx, mesh)
-    state, metrics = step(
-        steps.init_state(variables, tx, 0), variables, shard_batch(mesh, source), shard_batch(mesh, target)
-    )
+    step, weights = steps.disposal_program(network, "gc", config, tx, mesh)
+    state, teacher = steps.init_state(variables, tx, 0, mesh), steps.replicate(mesh, variables)
+    state, metrics = step(state, teacher, weights, shard_batch(mesh, source), shard_batch(mesh, target))
     params = jax.device_get(jax.tree.map(lambda x: x.addressable_data(0), state["params"]))
 
     local = Mesh(np.array(jax.local_devices()[:1]), ("data",))
-    reference = steps.disposal_step(network, "gc", config, tx, local)
-    ref_state, ref_metrics = reference(steps.init_state(variables, tx, 0), variables, source, target)
+    reference, ref_weights = steps.disposal_program(network, "gc", config, tx, local)
+    ref_state, ref_teacher = steps.init_state(variables, tx, 0, local), steps.replicate(local, variables)
+    ref_state, ref_metrics = reference(ref_state, ref_teacher, ref_weights, source, target)
     ref_params = jax.device_get(ref_state["params"])
     leaves = zip(jax.tree.leaves(params), jax.tree.leaves(ref_params))
     report = {

@@ -111,6 +111,7 @@ def main() -> None:
     import numpy as np
 
     from dtl_jax.config import DisposalConfig, ModelConfig, OptimConfig
+    from dtl_jax.disposal_objective import split_gc_params
     from dtl_jax.models import build
     from dtl_jax.train import steps
     from dtl_jax.train.mesh import all_reduce_sizes, chunk_layout, data_mesh, place_disposal_batches
@@ -122,7 +123,7 @@ def main() -> None:
     params = variables["params"]
     out = {
         "param_count": sum(x.size for x in jax.tree.leaves(params)),
-        "gc_param_count": sum(x.size for x in jax.tree.leaves(steps.split_gc_params(params, "backbone_source")[0])),
+        "gc_param_count": sum(x.size for x in jax.tree.leaves(split_gc_params(params, "backbone_source")[0])),
     }
     for name, (method, k, n_source, n_target, low_memory, retain, device_counts) in CASES.items():
         rng = np.random.default_rng(0)
@@ -137,18 +138,21 @@ def main() -> None:
         config = DisposalConfig(num_chunks=k, source_batch_size=n_source, gc_lambda=0.5, retain=retain,
                                 optim=OptimConfig(optimizer="sgd", learning_rate=0.05, clip_norm=1.0))  # fmt: skip
         tx = make_optimizer(config.optim, 10)
-        reference = steps.disposal_step(network, method, config, tx, data_mesh(1))
-        state, metrics = reference(steps.init_state(variables, tx, 0), variables, source, target)
+        one = data_mesh(1)
+        reference, weights = steps.disposal_program(network, method, config, tx, one)
+        state, teacher = steps.init_state(variables, tx, 0, one), steps.replicate(one, variables)
+        state, metrics = reference(state, teacher, weights, source, target)
         ref_unlearn, ref_params = float(metrics["unlearn"]), jax.device_get(state["params"])
         out[name] = {}
         for n in device_counts:
             start = time.perf_counter()
             mesh = data_mesh(n)
             variant = dataclasses.replace(config, gc_low_memory=low_memory)
-            step = steps.disposal_step(network, method, variant, tx, mesh)
+            step, weights = steps.disposal_program(network, method, variant, tx, mesh)
             placed = place_disposal_batches(mesh, k, source, target)
-            compiled = step.lower(steps.init_state(variables, tx, 0), variables, *placed).compile()
-            state, metrics = compiled(steps.init_state(variables, tx, 0), variables, *placed)
+            teacher = steps.replicate(mesh, variables)
+            compiled = step.lower(steps.init_state(variables, tx, 0, mesh), teacher, weights, *placed).compile()
+            state, metrics = compiled(steps.init_state(variables, tx, 0, mesh), teacher, weights, *placed)
             got = jax.device_get(state["params"])
             hlo = compiled.as_text()
             layout = chunk_layout(n, k, n_source)

@@ -12,8 +12,9 @@ import pytest
 from conftest import tiny_config
 from PIL import Image
 
-from dtl_jax import cli, dtl, stages
-from dtl_jax.config import UserError
+from dtl_jax import cli, dtl
+from dtl_jax.errors import UserError
+from dtl_jax.train import loop
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = [
@@ -139,15 +140,15 @@ def test_pipeline_end_to_end_and_stage_reuse(tmp_path, monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError(f"stage re-ran: {kwargs.get('desc')}")
 
-    monkeypatch.setattr(stages, "run_steps", no_training)
+    monkeypatch.setattr(loop, "run_steps", no_training)
     again = dtl.run(config, tmp_path, quiet=True)
     assert again["models"] == results["models"]
 
     # Changing λ re-runs disposal (and PL of the disposed models) but reuses pre-training and transfer.
     ran = []
     monkeypatch.undo()
-    original = stages.run_steps
-    monkeypatch.setattr(stages, "run_steps", lambda *a, **k: (ran.append(k["desc"]), original(*a, **k))[1])
+    original = loop.run_steps
+    monkeypatch.setattr(loop, "run_steps", lambda *a, **k: (ran.append(k["desc"]), original(*a, **k))[1])
     changed = tiny_config(
         disposal=tiny_config().disposal.__class__(
             **{**tiny_config().disposal.__dict__, "gc_lambda": 0.5, "methods": ("gc",)}

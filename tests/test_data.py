@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dtl_jax.config import DataConfig, TaskConfig, UserError
+from dtl_jax.config import DataConfig, TaskConfig
 from dtl_jax.data import pipeline, sources, tasks
 from dtl_jax.data.sources import ImageSplit
+from dtl_jax.errors import UserError
 
 
 def make_folder(root, classes=("cat", "dog", "eel"), per_class=6, size=12):

@@ -12,8 +12,9 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from dtl_jax import config as C
-from dtl_jax.config import DataConfig, TaskConfig, UserError
+from dtl_jax.config import DataConfig, TaskConfig
 from dtl_jax.data import sources, tasks
+from dtl_jax.errors import UserError
 
 
 def _keys(cls, prefix=""):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from dtl_jax import losses
+from dtl_jax.errors import UserError
 
 
 class ByHandTest(chex.TestCase):
@@ -84,20 +85,20 @@ def test_disposal_losses_are_the_methods_definitions():
 
 
 def test_unknown_disposal_method_is_an_error_not_gradient_ascent():
-    with pytest.raises(ValueError, match=r"unknown disposal method 'gradient_descent': expected one of gc, ngc"):
+    with pytest.raises(UserError, match=r"unknown disposal loss 'gradient_descent': expected one of gc, ngc"):
         losses.disposal_loss("gradient_descent")
     from dtl_jax.config import DisposalConfig
-    from dtl_jax.train.steps import disposal_step
+    from dtl_jax.disposal_objective import DisposalObjective
 
-    with pytest.raises(ValueError, match="unknown disposal method 'mine'"):
-        disposal_step(None, "mine", DisposalConfig(), None)
+    with pytest.raises(UserError, match="unknown disposal loss 'mine'"):
+        DisposalObjective.from_config(None, "mine", DisposalConfig())
 
 
 @pytest.mark.parametrize("name", ["rtf", "utf", "ga", "ce", "kd"])
 def test_batch_losses_are_means_of_their_per_example_values(name):
-    """The disposal step weights padded examples out of a batch loss by evaluating it example by example
-    (``jax.vmap`` over batches of one) and taking a masked sum: right only for a mean of per-example terms,
-    which every retain and fooling loss is."""
+    """The disposal objective weights examples (padding out) by evaluating a batch loss example by example
+    (``jax.vmap`` over batches of one) and taking a weighted sum (``disposal_objective.batch_mean``): right
+    only for a mean of per-example terms, which every retain and fooling loss is."""
     rng = np.random.default_rng(0)
     logits, other = jnp.asarray(rng.normal(size=(7, 4)), jnp.float32), jnp.asarray(rng.normal(size=(7, 4)))
     labels = jnp.asarray(rng.integers(0, 4, 7))

@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dtl_jax.config import DataConfig, TaskConfig, UserError
+from dtl_jax.config import DataConfig, TaskConfig
 from dtl_jax.data import pipeline, prepare, sources, tasks
+from dtl_jax.errors import UserError
 
 tfds = pytest.importorskip("tensorflow_datasets")
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"

@@ -11,6 +11,8 @@ import pytest
 
 import dtl_jax.unlearn.methods as methods_package
 from dtl_jax import config as C
+from dtl_jax.errors import UserError
+from dtl_jax.unlearn import runner
 from dtl_jax.unlearn.registry import method_names
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,11 +34,23 @@ MINE = textwrap.dedent(
 
 
 def test_every_registered_method_is_valid_and_retrain_comes_first():
+    """Names are checked where methods are resolved (the runner, through the registry), not by config
+    validation, which knows no registry."""
     names = method_names()
     assert names[0] == "retrain" and len(names) == len(set(names)) >= 9
-    C.validate(C.apply_overrides(C.Config(), ["unlearn.methods=" + ",".join(names)]))
-    with pytest.raises(C.UserError, match="unlearn.methods='nope'"):
-        C.validate(C.apply_overrides(C.Config(), ["unlearn.methods=retrain,nope"]))
+    config = C.validate(C.apply_overrides(C.Config(), ["unlearn.methods=" + ",".join(names)]))
+    assert tuple(runner.selected_methods(config)) == names
+    assert tuple(runner.selected_methods(C.Config())) == names  # () = every method
+    bad = C.validate(C.apply_overrides(C.Config(), ["unlearn.methods=retrain,nope"]))
+    with pytest.raises(UserError, match="unlearn.methods='nope': expected one of retrain"):
+        runner.selected_methods(bad)
+
+
+def test_an_unknown_method_is_refused_before_any_work(tmp_path):
+    bad = C.apply_overrides(C.Config(), ["unlearn.methods=retrain,nope"])
+    with pytest.raises(UserError, match="unlearn.methods='nope'"):
+        runner.run(bad, tmp_path / "w", quiet=True)
+    assert not (tmp_path / "w").exists()
 
 
 @pytest.mark.slow

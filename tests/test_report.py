@@ -15,7 +15,7 @@ from conftest import tiny_config
 from PIL import Image
 
 from dtl_jax import dtl, report
-from dtl_jax.config import UserError
+from dtl_jax.errors import UserError
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from conftest import tiny_config
 from scipy import stats
 
 from dtl_jax import cli, dtl, seeds, stages, summary
-from dtl_jax.config import UserError
+from dtl_jax.errors import UserError
 
 
 def test_streams_are_distinct_per_seed_and_purpose():

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dtl_jax.config import UserError
+from dtl_jax.errors import UserError
 from dtl_jax.train.mesh import chunk_layout, data_mesh, padded_rows
 
 HERE = Path(__file__).resolve().parent
@@ -150,10 +150,11 @@ def test_padded_rows_split_any_batch():
     assert padded_rows(16, 4) == (None, None)
 
 
-def test_layout_and_mesh_errors_name_the_keys():
-    with pytest.raises(UserError, match=r"disposal.source_batch_size=30 is not divisible by disposal.num_chunks=4"):
+def test_layout_and_mesh_errors_are_in_their_own_terms():
+    """Library modules name values, not config keys (``dtl_jax.errors``); the experiment names the key."""
+    with pytest.raises(UserError, match=r"a source batch of 30 examples does not split into 4 equal chunks"):
         chunk_layout(2, 4, 30)
-    with pytest.raises(UserError, match=r"disposal.devices=64: only \d+ devices are available"):
+    with pytest.raises(UserError, match=r"a mesh of 64 devices: only \d+ are available"):
         data_mesh(64)
 
 

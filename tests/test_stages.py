@@ -9,6 +9,7 @@ from conftest import tiny_config
 
 from dtl_jax import stages
 from dtl_jax.config import Config, ModelConfig
+from dtl_jax.train.compiled import Compiled
 
 
 def _keys(config: Config) -> dict[str, str]:
@@ -108,9 +109,9 @@ def test_seeds_share_the_disposal_program_and_each_distils_from_its_own_teacher(
     state keeps its sharding from step to step), and a seed's disposal is the same whether its step was
     compiled for it or for an earlier seed."""
     config = dataclasses.replace(tiny_config(), disposal=dataclasses.replace(tiny_config().disposal, methods=("gc",)))
-    shared = stages.Compiled()
+    shared = Compiled()
 
-    def disposed(seed: int, compiled: stages.Compiled, workdir) -> dict:
+    def disposed(seed: int, compiled: Compiled, workdir) -> dict:
         exp = stages.build_experiment(dataclasses.replace(config, seed=seed), workdir, quiet=True, compiled=compiled)
         tl, _ = stages.transfer(exp, stages.pretrain(exp)[0])
         return jax.device_get(stages.dispose(exp, "gc", tl)[0])
@@ -123,5 +124,5 @@ def test_seeds_share_the_disposal_program_and_each_distils_from_its_own_teacher(
     reused = disposed(1, shared, tmp_path / "shared-1")
     assert [fn for key, fn in shared._functions.items() if key[0] == "disposal"] == programs
     assert step._cache_size() == 1, "the second seed recompiled the disposal step"
-    fresh = disposed(1, stages.Compiled(), tmp_path / "fresh-1")
+    fresh = disposed(1, Compiled(), tmp_path / "fresh-1")
     assert jax.tree.all(jax.tree.map(np.array_equal, reused, fresh))

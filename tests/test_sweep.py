@@ -3,14 +3,15 @@ import json
 import pytest
 from conftest import tiny_config
 
-from dtl_jax import stages, sweep
+from dtl_jax import sweep
+from dtl_jax.train import loop
 
 
 @pytest.mark.slow
 def test_sweep_runs_the_grid_and_reuses_pretraining(tmp_path, monkeypatch):
     ran = []
-    original = stages.run_steps
-    monkeypatch.setattr(stages, "run_steps", lambda *a, **k: (ran.append(k["desc"]), original(*a, **k))[1])
+    original = loop.run_steps
+    monkeypatch.setattr(loop, "run_steps", lambda *a, **k: (ran.append(k["desc"]), original(*a, **k))[1])
     summary = sweep.run(
         tiny_config(), ["disposal.gc_lambda=0.001,0.5", "disposal.methods=gc", "data.source.classes=0,1,2,3"], tmp_path,
         quiet=True,

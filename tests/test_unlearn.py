@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from dtl_jax import cli
-from dtl_jax.config import Config, DataConfig, ModelConfig, OptimConfig, TaskConfig, UnlearnConfig, UserError
+from dtl_jax.config import Config, DataConfig, ModelConfig, OptimConfig, TaskConfig, UnlearnConfig
 from dtl_jax.data.tasks import make_task
+from dtl_jax.errors import UserError
 from dtl_jax.models import build
 from dtl_jax.unlearn import metrics
 from dtl_jax.unlearn.registry import HEAD, Context, load_methods

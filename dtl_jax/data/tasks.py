@@ -9,9 +9,10 @@ import dataclasses
 
 import numpy as np
 
-from dtl_jax.config import DataConfig, TaskConfig, UserError
+from dtl_jax.config import DataConfig, TaskConfig
 from dtl_jax.data import sources
 from dtl_jax.data.sources import ImageSplit
+from dtl_jax.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -14,7 +14,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from dtl_jax.config import UserError
+from dtl_jax.errors import UserError
 
 AXIS = "data"
 CHUNKS, EXAMPLES = "chunks", "examples"  # the disposal step's 2-D view of the "data" axis
@@ -25,7 +25,7 @@ def data_mesh(devices: int = 0) -> Mesh:
     available = jax.devices()
     n = devices or len(available)
     if n > len(available):
-        raise UserError(f"disposal.devices={devices}: only {len(available)} devices are available")
+        raise UserError(f"a mesh of {devices} devices: only {len(available)} are available")
     return Mesh(np.array(available[:n]), (AXIS,))
 
 
@@ -126,9 +126,7 @@ def chunk_layout(devices: int, num_chunks: int, source_batch: int) -> ChunkLayou
     e = 3``, parts of 6 with 2 padded slots per chunk.
     """
     if num_chunks < 1 or source_batch % num_chunks:
-        raise UserError(
-            f"disposal.source_batch_size={source_batch} is not divisible by disposal.num_chunks={num_chunks}"
-        )
+        raise UserError(f"a source batch of {source_batch} examples does not split into {num_chunks} equal chunks")
     m = source_batch // num_chunks
     best = None
     for c in range(1, math.gcd(devices, num_chunks) + 1):
@@ -211,7 +209,7 @@ def initialize_distributed(coordinator: str = "", num_processes: int = 0, proces
     else:
         if num_processes < 1 or not 0 <= process_id < num_processes:
             raise UserError(
-                f"--coordinator {coordinator}: expected --num-processes N >= 1 and --process-id in 0..N-1, "
+                f"coordinator {coordinator}: expected a number of processes N >= 1 and a process id in 0..N-1, "
                 f"got {num_processes} and {process_id}"
             )
         jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)

@@ -59,3 +59,9 @@ def heads_trainable(*heads: str, backbone: bool = True):
         }
 
     return trainable
+
+
+def shapes_program(config: OptimConfig, total_steps: int) -> tuple:
+    """What of an optimiser shapes the program of a step it is compiled into, for a compile-cache key: its
+    config, and ``total_steps`` only where the schedule reads it (cosine)."""
+    return config, total_steps if config.schedule == "cosine" else None

@@ -14,7 +14,8 @@ sees ``halted``.
 
 Data parallelism (``DataParallel``): the supervised and custom steps and the prediction function are
 jitted over a 1-D ``"data"`` mesh (default: every device of every process, ``mesh.data_mesh()``) with
-shardings, not ``shard_map``: the state and per-call constants are replicated, every batch is split
+shardings, not ``shard_map``: the state and per-call constants are replicated (placed once, by the
+caller: ``replicate``, ``init_state(..., mesh)``), every batch is split
 along its leading axis, and the loss is written, and computed, over the *global* batch (XLA's SPMD
 partitioner inserts the collectives: the gradient all-reduce, and for BatchNorm the all-reduces of the
 per-channel batch sums). So every device count computes the one-device function: the same losses, the
@@ -40,18 +41,19 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from dtl_jax import losses
-from dtl_jax.config import DisposalConfig
-from dtl_jax.gc import gc_loss
+from dtl_jax import disposal_objective, losses
+from dtl_jax.disposal_objective import DisposalObjective, combine
 from dtl_jax.models import Network
 from dtl_jax.train.mesh import AXIS, chunk_layout, data_mesh, padded_rows, replicate_batch, shard_batch
 
 Step = Callable
 
 
-def init_state(variables: dict, tx: optax.GradientTransformation, seed: int) -> dict:
+def init_state(variables: dict, tx: optax.GradientTransformation, seed: int, mesh: Mesh | None = None) -> dict:
     """A fresh train state over a *copy* of ``variables`` (steps donate the state, the caller keeps its
-    arrays)."""
+    arrays); with ``mesh``, placed whole on every device of it (``replicate``), where a step wants it."""
+    if mesh is not None:
+        return replicate(mesh, init_state(variables, tx, seed))
     variables = jax.tree.map(jnp.array, variables)
     return {
         "params": variables["params"],
@@ -72,6 +74,14 @@ MAX_ABS_LOSS = 1e6  # a loss this large (e.g. gradient ascent running away) coun
 
 
 def _guarded_update(state, grads, loss, batch_stats, rng, tx, max_grad_norm):
+    """The update of ``tx`` applied only where the step is sound, else the divergence guard (module docstring).
+
+    ``optax.apply_if_finite`` does part of this and is not used because it does less: it looks at the
+    gradients' finiteness only (not the loss, not a bound on the loss or the gradient norm), it applies the
+    update anyway after ``max_consecutive_errors`` bad steps, it cannot hold back the BatchNorm statistics
+    (outside optax's state) of a rejected step, and it does not stop the stage or record where it stopped.
+    Here a rejected step keeps parameters, BatchNorm statistics and optimiser state, and ``halted`` (with
+    ``halted_at``) makes every later step a no-op, which the loop sees and stops on."""
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & (jnp.abs(loss) <= MAX_ABS_LOSS)
     ok = finite & (grad_norm <= max_grad_norm) & ~state["halted"]
@@ -123,7 +133,7 @@ def place_batch(mesh: Mesh, batch):
 def to_host(x: jax.Array) -> np.ndarray:
     """A (possibly split, possibly multi-process) array as one host array, gathered from its devices."""
     if not isinstance(x, jax.Array) or x.is_fully_addressable:
-        return np.asarray(x)
+        return np.asarray(jax.device_get(x))  # an explicit transfer (``jax.transfer_guard``)
     from jax.experimental import multihost_utils
 
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
@@ -133,14 +143,17 @@ class DataParallel:
     """``fn(*replicated, *batches)`` jitted over the ``"data"`` axis of ``mesh`` (default: every device of
     every process), as the module docstring describes.
 
-    The first ``replicated`` positional arguments (state, per-call constants) are placed whole on every
-    device; the others are batches, pytrees of arrays whose leading axis is the batch, split over the
-    axis (``place_batch``). ``fn`` is written for the global batch and computes it: on ``N`` devices the
-    function of one device, each device doing ``1/N`` of the per-example work. Outputs are replicated, or
-    placed as ``out_specs`` (a pytree prefix of ``PartitionSpec``) says. Calling places the arguments,
-    then runs the jitted function; ``lower`` gives the compiled program (e.g. its collectives,
-    ``mesh.all_reduce_sizes``). Per-call constants passed again as the same objects (reference weights
-    every step) are placed once (so they must not be modified in place between calls).
+    The first ``replicated`` positional arguments (the state, per-call constants) are the caller's to place,
+    once, whole on every device (``replicate``; the state comes back so placed, ``out_shardings``): the
+    step passes them to ``jax.jit`` as they are, with ``in_shardings`` saying where they must be, so an
+    argument left on the host or on another device is an implicit transfer (which
+    ``jax.transfer_guard("disallow")`` turns into an error) and one placed otherwise on the mesh an error.
+    The other arguments are batches, pytrees of arrays whose leading axis is the batch: new data every call,
+    placed by the step (``place_batch``, an explicit transfer), split along that axis. ``fn`` is written for
+    the global batch and computes it: on ``N`` devices the function of one device, each device doing ``1/N``
+    of the per-example work. Outputs are replicated, or placed as ``out_specs`` (a pytree prefix of
+    ``PartitionSpec``) says. ``lower`` gives the compiled program (e.g. its collectives,
+    ``mesh.all_reduce_sizes``).
 
     A batch that ``N`` does not divide arrives whole on every device. If ``split_uneven(*args)`` (default:
     always) the step splits it there (``with_sharding_constraint``; XLA pads the parts to equal size and
@@ -155,51 +168,53 @@ class DataParallel:
         self, fn: Callable, mesh: Mesh | None = None, *, replicated: int = 1, donate_argnums=(), out_specs=None,
         split_uneven: Callable[..., bool] | None = None,
     ):  # fmt: skip
+        self.fn = fn
         self.mesh = mesh if mesh is not None else data_mesh()
         self.devices = int(self.mesh.devices.size)
         self.replicated = replicated
-        self.donated = {donate_argnums} if isinstance(donate_argnums, int) else set(donate_argnums)
+        self.donate_argnums = donate_argnums
         self.split_uneven = split_uneven
-        self._constants = None  # (leaf ids, the leaves, placed): the last per-call constants, kept alive
-        split = NamedSharding(self.mesh, P(AXIS))
-
-        def sharded(*args):
-            head, batches = args[:replicated], args[replicated:]
-            batches = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, split), batches)
-            return fn(*head, *batches)
-
-        out = NamedSharding(self.mesh, P()) if out_specs is None else out_specs
-        out = jax.tree.map(
+        self._whole = NamedSharding(self.mesh, P())
+        self._split = NamedSharding(self.mesh, P(AXIS))
+        out = self._whole if out_specs is None else out_specs
+        self._out = jax.tree.map(
             lambda spec: NamedSharding(self.mesh, spec) if isinstance(spec, P) else spec,
             out,
             is_leaf=lambda x: isinstance(x, P),
         )  # fmt: skip
-        self.jitted = jax.jit(sharded, donate_argnums=donate_argnums, out_shardings=out)
-        self.whole = jax.jit(fn, donate_argnums=donate_argnums, out_shardings=out)  # uneven, not split
+        self._programs: dict[tuple[int, str], Callable] = {}  # (argument count, mode) -> jitted
 
     def replicate(self, tree):
+        """``tree`` placed whole on every device of the mesh (explicitly; placed leaves are kept)."""
         return replicate(self.mesh, tree)
 
-    def place(self, *args) -> tuple:
+    def jitted(self, count: int, mode: str = "split") -> Callable:
+        """The jitted function for ``count`` arguments; ``mode``: ``split`` (batches arrive split),
+        ``uneven`` (batches arrive whole and are split inside) or ``whole`` (computed whole everywhere)."""
+        if (count, mode) not in self._programs:
+            batch = self._split if mode == "split" else self._whole
+            in_shardings = (self._whole,) * self.replicated + (batch,) * (count - self.replicated)
+            fn = self.fn if mode == "whole" else self._constrained
+            self._programs[count, mode] = jax.jit(
+                fn, in_shardings=in_shardings, out_shardings=self._out, donate_argnums=self.donate_argnums
+            )
+        return self._programs[count, mode]
+
+    def _constrained(self, *args):
         head, batches = args[: self.replicated], args[self.replicated :]
-        constants = [x for i, x in enumerate(head) if i not in self.donated]
-        # per-call constants passed again as the same objects (reference weights every step) are placed once
-        ids = [id(x) for x in jax.tree.leaves(constants)]
-        if self._constants is None or self._constants[0] != ids:
-            self._constants = (ids, jax.tree.leaves(constants), self.replicate(constants))
-        placed = iter(self._constants[2])
-        head = [self.replicate(x) if i in self.donated else next(placed) for i, x in enumerate(head)]
-        return (*head, *(place_batch(self.mesh, b) for b in batches))
+        batches = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, self._split), batches)
+        return self.fn(*head, *batches)
 
     def program(self, *args):
-        """``(jitted function, placed arguments)`` for a call with ``args``."""
-        placed = self.place(*args)
-        uneven = any(
-            np.shape(x)[0] % self.devices for b in placed[self.replicated :] for x in jax.tree.leaves(b)[:1]
-        )  # fmt: skip
-        if uneven and self.split_uneven is not None and not self.split_uneven(*args):
-            return self.whole, placed
-        return self.jitted, placed
+        """``(jitted function, arguments with the batches placed)`` for a call with ``args``."""
+        head, batches = args[: self.replicated], [place_batch(self.mesh, b) for b in args[self.replicated :]]
+        firsts = [x for b in batches for x in jax.tree.leaves(b)[:1]]
+        mode = "split"
+        if any(x.sharding != self._split for x in firsts):  # a batch arrived whole: split inside, or not
+            uneven = any(x.shape[0] % self.devices for x in firsts)
+            rejected = uneven and self.split_uneven is not None and not self.split_uneven(*args)
+            mode = "whole" if rejected else "uneven"
+        return self.jitted(len(args), mode), (*head, *batches)
 
     def __call__(self, *args):
         fn, placed = self.program(*args)
@@ -259,150 +274,95 @@ def custom_step(
     return DataParallel(step, mesh, replicated=2, donate_argnums=0, split_uneven=_without_batch_norm)
 
 
-def split_gc_params(params: dict, which: str) -> tuple[dict, dict]:
-    """Splits ``params`` into (parameters that enter the chunk gradients, the rest)."""
-    if which == "all":
-        return params, {}
-    heads = params["heads"]
-    keep = {"source"} if which == "backbone_source" else set()
-    gc_part = {"backbone": params["backbone"], "heads": {k: v for k, v in heads.items() if k in keep}}
-    rest = {"heads": {k: v for k, v in heads.items() if k not in keep}}
-    return gc_part, rest
+def disposal_step(objective: DisposalObjective, tx, mesh: Mesh | None = None, max_grad_norm: float = math.inf):
+    """Knowledge disposal (docs/methods.md §1): ``step(state, teacher, weights, source_batch, target_batch)``,
+    one step of the objective ``Σ_t w_t L_t`` (``dtl_jax.disposal_objective``: by default
+    ``L_retain + λ · L_unlearn``) from the TL model, sharded over ``mesh``.
 
+    ``teacher`` (the frozen TL model's variables) and ``weights`` (``{"retain": 1, "unlearn": λ}``, scalars)
+    are arguments, not constants of the program: one compiled step serves every seed of a multi-seed run and
+    every λ of a sweep. Place them once, replicated on ``mesh`` (``replicate``), like the state.
 
-def merge_params(gc_part: dict, rest: dict) -> dict:
-    if not rest:
-        return gc_part
-    return {"backbone": gc_part["backbone"], "heads": {**rest["heads"], **gc_part["heads"]}}
-
-
-def disposal_step(network: Network, method: str, config: DisposalConfig, tx, mesh: Mesh | None = None) -> Step:
-    """Knowledge disposal (METHODS.md §1): ``step(state, teacher, source_batch, target_batch)``, one step of
-    ``L_retain + λ · L_unlearn`` from the TL model.
-
-    ``method`` names the unlearning loss on the source batch (``losses.DISPOSAL_LOSSES``: gc, ngc, rtf,
-    utf, ga); ``config.retain`` the retaining loss (tgt_kd, src_kd, ce) with ``teacher`` the frozen TL
-    model's variables. The teacher is an argument (not donated), not a constant of the program, so one
-    compiled step serves every seed of a multi-seed run.
-
-    One code path for any number of devices: the step runs under ``jax.shard_map`` over the devices of
-    ``mesh`` (default: the first device alone), viewed as a ``c x e`` grid (``mesh.chunk_layout``): the
-    source batch's ``K`` chunks over ``c``, each chunk's examples over ``e``; the target batch split over
-    all of them. It takes both batches in their natural order, in any placement
-    (``mesh.place_disposal_batches`` gives one that moves no data), and lays them out itself; where a
-    split is uneven it pads with repeated examples weighted 0, so that every device count gives the
-    one-device result (up to float rounding; a BatchNorm model normalises over each device's part).
-    GC/NGC is ``gc_loss(..., axis_name=layout.axis_name)`` over the parameters in ``config.gc_params``
-    (the rest held constant). Parameter-size all-reduces per step: two where the device count divides
-    ``K`` (``G`` or ``U``, then one ``psum`` of every device's ``retain_grad / N + λ · share of ∇GC``);
-    otherwise ``ChunkLayout.all_reduces``. For rtf/utf/ga: one, of the mean gradient.
+    This function is only the sharding. The step runs the objective under ``jax.shard_map`` over the
+    devices of ``mesh`` (default: the first device alone), viewed as a ``c x e`` grid
+    (``mesh.chunk_layout``): the source batch's ``K`` chunks over ``c``, each chunk's examples over ``e``;
+    the target batch split over all of them. It takes both batches in their natural order, in any placement
+    (``mesh.place_disposal_batches`` gives one that moves no data), draws RTF's wrong labels for the global
+    batch (``DisposalObjective.prepare_source``) and lays the batches out itself; on more than one device
+    every example carries its global-batch weight (``1/n``, padding 0: ``mesh.padded_rows`` and
+    ``ChunkLayout.source_rows`` pad uneven splits with repeated examples), so that every device count gives
+    the one-device result (up to float rounding; a BatchNorm model normalises over each device's part).
+    Each device differentiates its share of the objective (``DisposalObjective.local_terms``) with respect to
+    device-varying parameters; one ``psum`` sums the gradients. Parameter-size all-reduces per step: two
+    where the device count divides ``K`` (``G`` or ``U`` inside ``gc_loss``, then the gradient sum);
+    otherwise ``ChunkLayout.all_reduces``. For the fooling losses: one, of the gradient.
     """
-    kind = losses.disposal_loss(method)
-    lam = config.gc_lambda if kind.collision else config.fooling_lambda
     mesh = mesh if mesh is not None else Mesh(np.array(jax.devices()[:1]), (AXIS,))
-    devices = mesh.devices.size
+    devices = int(mesh.devices.size)
 
-    def local(layout, sizes, params, batch_stats, teacher, source_batch, target_batch):
-        n_source, n_target = sizes  # real examples in the global batches
-        grid_axes = layout.axes
+    def local(layout, params, batch_stats, teacher, weights, source, target):
+        axes = layout.axes
+        varying = jax.lax.pcast(params, axes, to="varying")  # local gradients: no implicit psum
 
-        def share(loss, mask, size, *args):
-            """This device's share of the global batch mean of ``loss``: its mean over the device's rows
-            divided by the device count or, with padding, its sum over the real rows divided by ``size``."""
-            if mask is None:
-                return loss(*args) / devices
-            values = jax.vmap(lambda *a: loss(*(x[None] for x in a)))(*args)
-            return jnp.sum(jnp.where(mask, values, 0.0)) / size
+        def share(p):
+            terms, stats = objective.local_terms(p, batch_stats, teacher, source, target, layout.axis_name, devices)
+            return combine(weights, terms), (terms, stats)
 
-        def retain_loss(params):
-            src = config.retain == "src_kd"
-            batch, mask, size = (source_batch, source_mask, n_source) if src else (target_batch, target_mask, n_target)
-            variables = {"params": params, "batch_stats": batch_stats}
-            logits, _, stats = network.apply(variables, batch["image"], head="target", train=True)
-            if config.retain == "ce":
-                return share(losses.cross_entropy, mask, size, logits, batch["label"]), stats
-            teacher_logits, _, _ = network.apply(teacher, batch["image"], head="target", train=False)
-            kd = lambda s, t: losses.distillation(s, t, config.temperature)  # noqa: E731
-            return share(kd, mask, size, logits, teacher_logits), stats
+        (_, (terms, stats)), grads = jax.value_and_grad(share, has_aux=True)(varying)
+        grads = jax.lax.psum(grads, axes)  # the one fused all-reduce of the gradients
+        terms = jax.lax.psum(terms, axes)  # the shares' sums: the terms
+        stats = jax.lax.pmean(stats, axes)
+        return combine(weights, terms), grads, stats, terms
 
-        def fooling_loss(params):
-            variables = {"params": params, "batch_stats": batch_stats}
-            logits, _, _ = network.apply(variables, source_batch["image"], head="source", train=True)
-            labels = source_batch["fool_label" if kind.wrong_labels else "label"]
-            return share(kind.fooling, source_mask, n_source, logits, labels)
-
-        def chunk_loss(p, rest, chunk):
-            """A chunk part's loss: the mean over its examples or, padded, ``e/m`` times their real sum, so
-            that the mean over the ``e`` parts is the chunk's mean loss either way."""
-            variables = {"params": merge_params(p, rest), "batch_stats": batch_stats}
-            logits, _, _ = network.apply(variables, chunk["image"], head="source", train=True)
-            if "mask" not in chunk:
-                return losses.cross_entropy(logits, chunk["label"])
-            values = jnp.where(chunk["mask"], losses.per_example_cross_entropy(logits, chunk["label"]), 0.0)
-            return jnp.sum(values) * (layout.example_devices / layout.chunk_size)
-
-        def objective(params):
-            """This device's share of the step's loss (the loss is the sum of the shares over devices)."""
-            retain, stats = retain_loss(params)
-            if not kind.collision:
-                unlearn = fooling_loss(params)  # this device's share
-                return retain + lam * unlearn, (retain, unlearn, stats)
-            gc_part, rest = split_gc_params(params, config.gc_params)
-            chunks = {k: v for k, v in source_batch.items() if k in ("image", "label", "mask")}
-            unlearn = gc_loss(
-                lambda p, chunk: chunk_loss(p, rest, chunk),
-                gc_part,
-                chunks,
-                config.num_chunks,
-                normalized=kind.normalized,
-                low_memory=config.gc_low_memory,
-                axis_name=layout.axis_name,
-            )
-            # GC of the whole batch, the same on every device, so its share is GC / N. (Added to this
-            # device-varying sum, its cotangent is summed over the devices: N · λ/N = λ.)
-            return retain + lam * unlearn / devices, (retain, unlearn, stats)
-
-        source_mask, target_mask = source_batch.get("mask"), target_batch.get("mask")
-        varying = jax.lax.pcast(params, grid_axes, to="varying")  # local gradients: no implicit psum
-        (_, (retain, unlearn, stats)), local_grads = jax.value_and_grad(objective, has_aux=True)(varying)
-        grads = jax.lax.psum(local_grads, grid_axes)  # the one fused all-reduce of gradients
-        retain = jax.lax.psum(retain, grid_axes)
-        if not kind.collision:
-            unlearn = jax.lax.psum(unlearn, grid_axes)
-        stats = jax.lax.pmean(stats, grid_axes)
-        return retain + lam * unlearn, grads, stats, retain, unlearn
-
-    def lay_out(batch, rows, mask):
+    def lay_out(batch, rows, mask, size):
         if rows is not None:
             batch = jax.tree.map(lambda x: jnp.take(x, rows, axis=0), batch)
-        return batch if mask is None else {**batch, "mask": jnp.asarray(mask)}
+        if devices == 1:
+            return batch
+        weight = np.full(size if rows is None else rows.size, 1.0 / size, np.float32)
+        return {**batch, "weight": jnp.asarray(weight if mask is None else np.where(mask, weight, 0.0))}
 
-    def step(state, teacher, source_batch, target_batch):
+    def step(state, teacher, weights, source_batch, target_batch):
         rng, key = jax.random.split(state["rng"])
-        source_batch = {"image": source_batch["image"], "label": source_batch["label"]}
-        target_batch = {"image": target_batch["image"], "label": target_batch["label"]}
-        if kind.wrong_labels:  # drawn for the whole global batch: the same draw on any device count
-            num_source = state["params"]["heads"]["source"]["bias"].shape[0]
-            source_batch["fool_label"] = losses.random_wrong_labels(key, source_batch["label"], num_source)
-        n_source, n_target = source_batch["label"].shape[0], target_batch["label"].shape[0]
-        layout = chunk_layout(devices, config.num_chunks, n_source)
+        num_source = state["params"]["heads"]["source"]["bias"].shape[0]
+        source = objective.prepare_source(key, source_batch, num_source)
+        target = {"image": target_batch["image"], "label": target_batch["label"]}
+        n_source, n_target = source["label"].shape[0], target["label"].shape[0]
+        layout = chunk_layout(devices, objective.num_chunks, n_source)
+        source = lay_out(source, *layout.source_rows(), n_source)
+        target = lay_out(target, *padded_rows(n_target, devices), n_target)
         sharded = jax.shard_map(
-            lambda *args: local(layout, (n_source, n_target), *args),
+            lambda *args: local(layout, *args),
             mesh=layout.grid(mesh),
-            in_specs=(P(), P(), P(), P(layout.axes), P(layout.axes)),
-            out_specs=(P(), P(), P(), P(), P()),
+            in_specs=(P(), P(), P(), P(), P(layout.axes), P(layout.axes)),
+            out_specs=(P(), P(), P(), P()),
         )
-        source_batch = lay_out(source_batch, *layout.source_rows())
-        target_batch = lay_out(target_batch, *padded_rows(n_target, devices))
-        loss, grads, stats, retain, unlearn = sharded(
-            state["params"], state["batch_stats"], teacher, source_batch, target_batch
-        )
-        new, metrics = _guarded_update(state, grads, loss, stats, rng, tx, config.max_grad_norm)
-        return new, {**metrics, "retain": retain, "unlearn": unlearn}
+        loss, grads, stats, terms = sharded(state["params"], state["batch_stats"], teacher, weights, source, target)
+        new, metrics = _guarded_update(state, grads, loss, stats, rng, tx, max_grad_norm)
+        return new, {**metrics, **terms}
 
-    # Everything out replicated on ``mesh``: a state placed so (``replicate``) comes back with the same
-    # sharding, so the step compiles once, not once more for the shard_map grid's sharding of its output.
-    return jax.jit(step, donate_argnums=0, out_shardings=NamedSharding(mesh, P()))
+    # State, teacher and weights in and everything out replicated on ``mesh``: a state placed so
+    # (``replicate``) comes back with the same sharding, so the step compiles once. The batches' placement
+    # depends on their layout (``place_disposal_batches``): left to the arguments.
+    replicated = NamedSharding(mesh, P())
+    in_shardings = (replicated, replicated, replicated, None, None)
+    return jax.jit(step, donate_argnums=0, in_shardings=in_shardings, out_shardings=replicated)
+
+
+def disposal_weights(mesh: Mesh, weights: dict, dtype=jnp.float32) -> dict:
+    """The disposal step's ``weights`` argument: each weight a scalar of ``dtype``, replicated on ``mesh``."""
+    return replicate(mesh, {name: np.asarray(value, dtype) for name, value in weights.items()})
+
+
+def disposal_program(network: Network, method: str, config, tx, mesh: Mesh | None = None) -> tuple[Callable, dict]:
+    """``(step, weights)`` for ``method`` under a ``DisposalConfig``: ``disposal_step`` of its objective and
+    its term weights (λ) placed on ``mesh``; call ``step(state, teacher, weights, source, target)`` with the
+    state and teacher placed there too (``init_state(..., mesh)``, ``replicate``). For scripts and tests: the
+    DTL stage (``dtl_jax.stages.disposal``) builds the same, caching the step apart from the weights."""
+    mesh = mesh if mesh is not None else Mesh(np.array(jax.devices()[:1]), (AXIS,))
+    objective = DisposalObjective.from_config(network, method, config)
+    step = disposal_step(objective, tx, mesh, config.max_grad_norm)
+    return step, disposal_weights(mesh, disposal_objective.weights(method, config))
 
 
 def predict_fn(network: Network, head: str, mesh: Mesh | None = None) -> DataParallel:

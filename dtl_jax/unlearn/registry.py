@@ -9,23 +9,24 @@ variables ``{"params", "batch_stats"}`` with the classifier head ``"classes"``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import pkgutil
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import jax
 import numpy as np
 
 from dtl_jax import seeds
-from dtl_jax.checkpoint import Progress
 from dtl_jax.config import Config, OptimConfig
 from dtl_jax.data import pipeline
 from dtl_jax.data.sources import ImageSplit
+from dtl_jax.errors import UserError
 from dtl_jax.models import Network
-from dtl_jax.train import steps
-from dtl_jax.train.loop import run_steps
+from dtl_jax.train import loop, steps
+from dtl_jax.train.checkpointed import CheckpointedStage
+from dtl_jax.train.mesh import data_mesh
 from dtl_jax.train.metrics import MetricsWriter
 from dtl_jax.train.optim import make_optimizer
 from dtl_jax.unlearn.scenario import Scenario
@@ -63,6 +64,16 @@ def method_names() -> tuple[str, ...]:
     return tuple(sorted(names, key=lambda name: name != ORACLE))
 
 
+def resolve(names: tuple[str, ...], key: str = "unlearn.methods") -> dict[str, Callable]:
+    """The methods called ``names`` (``()``: every method, Retrain first), by name; an unknown name is a
+    one-line ``UserError`` naming ``key`` (where the names came from) and the known methods."""
+    known = method_names()
+    for name in names:
+        if name not in known:
+            raise UserError(f"{key}={name!r}: expected one of {', '.join(known)}")
+    return {name: METHODS[name] for name in names or known}
+
+
 @dataclasses.dataclass
 class Context:
     config: Config
@@ -72,7 +83,7 @@ class Context:
     seed: int
     quiet: bool = False
     history: list = dataclasses.field(default_factory=list)
-    progress_root: Path | None = None  # mid-run checkpoints of each ctx.train call go below it
+    stage: CheckpointedStage | None = None  # mid-run checkpoints of each ctx.run call, one part each
     writer: MetricsWriter | None = None
 
     @property
@@ -126,18 +137,17 @@ class Context:
         ``steps.custom_step`` run data-parallel over every device (their default mesh); ``history`` records
         the device count of each run (``devices``)."""
         devices = getattr(step, "devices", 1)  # a steps.DataParallel step runs on its mesh's devices
-        if bool(np.asarray(state["halted"])):
-            self.history.append({"desc": desc, "steps": 0, "halted_at": int(np.asarray(state["halted_at"])),
+        if bool(jax.device_get(state["halted"])):
+            self.history.append({"desc": desc, "steps": 0, "halted_at": int(jax.device_get(state["halted_at"])),
                                  "last_loss": None, "devices": devices})  # fmt: skip
             return state
-        progress = None
-        if self.progress_root is not None and self.config.checkpoint_every:
-            progress = Progress(self.progress_root / desc.replace(" ", "-"), self.config.checkpoint_every)
-        state, history, halted_at = run_steps(
-            step, state, inputs, num_steps, desc=desc, quiet=self.quiet, progress=progress, writer=self.writer
-        )
-        if progress is not None:
-            progress.close()
+        if isinstance(step, steps.DataParallel):
+            state = step.replicate(state)  # placed once for the whole run (a no-op for a placed state)
+        part = desc.replace(" ", "-")
+        with self.stage.progress(part) if self.stage is not None else contextlib.nullcontext() as progress:
+            state, history, halted_at = loop.run_steps(
+                step, state, inputs, num_steps, desc=desc, quiet=self.quiet, progress=progress, writer=self.writer
+            )
         self.history.append({"desc": desc, "steps": len(history), "halted_at": halted_at,
                              "last_loss": history[-1]["loss"] if history else None, "devices": devices})  # fmt: skip
         return state
@@ -153,6 +163,9 @@ def cycle(*streams: Iterator) -> Iterator[tuple]:
     return zip(*streams)
 
 
-def constant(value) -> Iterator:
+def constant(value, mesh=None) -> Iterator:
+    """``value`` at every step, placed once, whole on every device of ``mesh`` (default: every device, the
+    mesh the steps run on by default): a per-call constant of a ``steps.custom_step``."""
+    value = steps.replicate(mesh if mesh is not None else data_mesh(), value)
     while True:
         yield value

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import time
 from pathlib import Path
 
@@ -16,21 +15,22 @@ import jax
 import numpy as np
 from jax import monitoring
 
-from dtl_jax import checkpoint, compilation_cache, seeds
-from dtl_jax.config import Config, to_dict, validate
+from dtl_jax import compilation_cache, runs, seeds
+from dtl_jax.config import Config, validate
 from dtl_jax.data.tasks import make_task
 from dtl_jax.evaluate import predict
 from dtl_jax.models import build
-from dtl_jax.stages import Compiled
-from dtl_jax.summary import format_table as format_summary_table
-from dtl_jax.summary import summarize
+from dtl_jax.summary import format_table as results_table
 from dtl_jax.train import steps
+from dtl_jax.train.checkpointed import CheckpointedStage
+from dtl_jax.train.compiled import Compiled
 from dtl_jax.train.metrics import MetricsWriter
 from dtl_jax.train.optim import make_optimizer
+from dtl_jax.unlearn import registry
 from dtl_jax.unlearn.metrics import gap_to_oracle, unlearning_metrics
-from dtl_jax.unlearn.registry import HEAD, Context, load_methods, method_names
+from dtl_jax.unlearn.registry import HEAD, Context
 from dtl_jax.unlearn.scenario import make_scenario
-from dtl_jax.workdir import claim, fingerprint, prepare, seed_dir, versions, write_json
+from dtl_jax.workdir import claim, fingerprint, prepare, versions, write_json
 
 REFERENCES = ("retrain", "ft")  # paired differences in summary.json are taken against these
 
@@ -78,6 +78,12 @@ def _metrics(network, variables, scenario, config, compiled: Compiled | None = N
     return {**unlearning_metrics(outputs, config.seed), "nonfinite_outputs": False}
 
 
+def selected_methods(config: Config) -> dict:
+    """The methods ``unlearn.methods`` names (``()``: every registered method, Retrain first), resolved by the
+    registry: an unknown name is a one-line ``UserError``."""
+    return registry.resolve(config.unlearn.methods)
+
+
 def run(
     config: Config, workdir, *, quiet: bool = False, overwrite: bool = False, compiled: Compiled | None = None
 ) -> dict:
@@ -85,6 +91,7 @@ def run(
     with another config is refused unless ``overwrite``. ``compiled`` (shared by ``run_seeds``) caches the
     jitted evaluation."""
     config = validate(config)
+    methods = selected_methods(config)
     compiled = compiled or Compiled()
     compilation_cache.enable(config.compilation_cache)
     workdir = prepare(Path(workdir), config, "unlearn", overwrite)
@@ -98,44 +105,38 @@ def run(
     shape = tuple(scenario.retain.images.shape[1:])
     scenario_key = (config.seed, d, config.model, u.task, u.scenario, u.forget_fraction, u.forget_class)
 
+    def stage(name: str, key) -> CheckpointedStage:
+        return CheckpointedStage(workdir / "checkpoints" / f"unlearn-{name}-{fingerprint(*scenario_key, key)}",
+                                 config.checkpoint_every)  # fmt: skip
+
     # The original model: trained on D_r ∪ D_f.
-    original_dir = workdir / "checkpoints" / f"unlearn-original-{fingerprint(*scenario_key, u.original)}"
     variables = network.init(seeds.key(config.seed, "unlearn-original-init"), shape, {HEAD: scenario.num_classes})
-    if checkpoint.exists(original_dir):
-        original, original_meta = checkpoint.restore(original_dir, variables)
-    else:
-        progress_root = original_dir.with_name(original_dir.name + ".progress")
-        ctx = Context(config, network, scenario, variables, config.seed, quiet, progress_root=progress_root,
-                      writer=writer)  # fmt: skip
+
+    def train_original(stage: CheckpointedStage):
+        ctx = Context(config, network, scenario, variables, config.seed, quiet, stage=stage, writer=writer)
         total = ctx.steps_per_epoch(scenario.train, u.original.batch_size) * u.original.epochs
         tx = make_optimizer(u.original, total)
         stream = ((b,) for b in ctx.batches(scenario.train, u.original.batch_size, seed=20))
-        original = ctx.train(steps.supervised_step(network, HEAD, tx), variables, tx, stream, total, "original")
-        original_meta = {"history": ctx.history}
-        checkpoint.save(original_dir, original, original_meta)
-        checkpoint.remove(progress_root)
+        trained = ctx.train(steps.supervised_step(network, HEAD, tx), variables, tx, stream, total, "original")
+        return trained, {"history": ctx.history}
 
-    methods = load_methods()
+    original, original_meta = stage("original", u.original).run(variables, train_original)
+
     histories = {"original": original_meta["history"]}
     rows = {"original": _metrics(network, original, scenario, config, compiled)}
     rows["original"].update(rt_s=0.0, compile_s=0.0, diverged=False, halted_at=None)
-    for name in u.methods or method_names():
-        method_key = dataclasses.replace(u, methods=())  # the list of methods run does not change one
-        directory = workdir / "checkpoints" / f"unlearn-{name}-{fingerprint(*scenario_key, method_key)}"
-        if checkpoint.exists(directory):
-            unlearned, meta = checkpoint.restore(directory, original)
-        else:
-            progress_root = directory.with_name(directory.name + ".progress")
-            ctx = Context(config, network, scenario, original, config.seed, quiet, progress_root=progress_root,
-                          writer=writer)  # fmt: skip
+    for name, method in methods.items():
+
+        def unlearn(stage: CheckpointedStage, method=method):
+            ctx = Context(config, network, scenario, original, config.seed, quiet, stage=stage, writer=writer)
             with compile_seconds() as spent:
                 t0 = time.perf_counter()
-                unlearned = jax.block_until_ready(methods[name](ctx))
+                unlearned = jax.block_until_ready(method(ctx))
                 wall = time.perf_counter() - t0
-            compile_s = spent[0]
-            meta = {"rt_s": wall - compile_s, "compile_s": compile_s, "history": ctx.history}
-            checkpoint.save(directory, unlearned, meta)
-            checkpoint.remove(progress_root)
+            return unlearned, {"rt_s": wall - spent[0], "compile_s": spent[0], "history": ctx.history}
+
+        method_key = dataclasses.replace(u, methods=())  # the list of methods run does not change one
+        unlearned, meta = stage(name, method_key).run(original, unlearn)
         histories[name] = meta["history"]
         row = _metrics(network, unlearned, scenario, config, compiled)
         halted = [h["halted_at"] for h in meta["history"] if h.get("halted_at") is not None]
@@ -168,41 +169,32 @@ def run(
 
 def _stages(histories: dict) -> dict:
     """Per stage (the original model's training, each method): the divergence guard's record and where its
-    training steps ran, ``devices`` (the most devices any of its ``Context.run`` calls used; 1 for a
-    checkpoint written before devices were recorded) and ``processes`` (every process when it used every
-    device)."""
+    training steps ran (``runs.stage_record``), ``devices`` being the most devices any of its ``Context.run``
+    calls used (1 for a checkpoint written before devices were recorded)."""
     out = {}
     for name, history in histories.items():
         halted = [h["halted_at"] for h in history if h.get("halted_at") is not None]
         devices = max((h.get("devices", 1) for h in history), default=1)
-        processes = jax.process_count() if devices == jax.device_count() else 1
-        out[name] = {"diverged": bool(halted), "halted_at": halted[0] if halted else None, "devices": devices,
-                     "processes": processes}  # fmt: skip
+        out[name] = runs.stage_record(halted[0] if halted else None, devices)
     return out
 
 
-def run_seeds(config: Config, seed_list: list[int], workdir, *, quiet: bool = False, overwrite: bool = False) -> dict:
-    """``run`` for every seed in this process, each in ``workdir/seed-<s>``; writes and returns
-    ``workdir/summary.json``: every method's metrics over seeds (mean, std, 95 % CI, n, values) and the
-    paired per-seed differences to Retrain and to FT."""
-    config = validate(config)
-    start = time.perf_counter()
-    compiled = Compiled()
-    per_seed = {}
-    for seed in seed_list:
-        one = dataclasses.replace(config, seed=seed)
-        results = run(one, seed_dir(workdir, seed), quiet=quiet, overwrite=overwrite, compiled=compiled)
-        per_seed[seed] = {
-            name: {k: v for k, v in row.items() if k in SUMMARY_KEYS} for name, row in results["methods"].items()
-        }
-    summary = summarize(per_seed, REFERENCES)
-    summary.update(
-        kind="unlearn", config=to_dict(dataclasses.replace(config, seed=seed_list[0])),
-        seconds=time.perf_counter() - start,
+def run_seeds(
+    config: Config, seed_list: list[int], workdir, *, quiet: bool = False, overwrite: bool = False,
+    compiled: Compiled | None = None,
+) -> dict:  # fmt: skip
+    """``run`` for every seed in this process, each in ``workdir/seed-<s>`` (``runs.run_seeds``); writes
+    and returns ``workdir/summary.json``: every method's metrics over seeds (mean, std, 95 % CI, n, values)
+    and the paired per-seed differences to Retrain and to FT."""
+    selected_methods(config)  # an unknown method is refused before the first seed
+
+    def rows(results: dict) -> dict:
+        return {name: {k: v for k, v in row.items() if k in SUMMARY_KEYS} for name, row in results["methods"].items()}
+
+    return runs.run_seeds(
+        run, config, seed_list, workdir, rows=rows, references=REFERENCES, kind="unlearn", quiet=quiet,
+        overwrite=overwrite, compiled=compiled,
     )  # fmt: skip
-    os.makedirs(workdir, exist_ok=True)
-    write_json(Path(workdir) / "summary.json", summary)
-    return summary
 
 
 COLUMNS = (
@@ -217,10 +209,5 @@ SUMMARY_KEYS = (*METRIC_KEYS, "gap", "rt_s", "rrt")
 def format_table(results: dict) -> str:
     """The table ``dtl-jax unlearn`` prints: one seed's results, or a summary's mean ± 95 % CI."""
     if "rows" in results:
-        return format_summary_table(results, COLUMNS[:-2], "method", width=15)
-    header = f"{'method':<16}" + "".join(f"{title:>10}" for _, title in COLUMNS)
-    lines = [header, "-" * len(header)]
-    for name, row in results["methods"].items():
-        cells = "".join(f"{'-':>10}" if row[k] is None else f"{row[k]:>10.3f}" for k, _ in COLUMNS)
-        lines.append(f"{name:<16}" + cells)
-    return "\n".join(lines)
+        return results_table(results["rows"], COLUMNS[:-2], "method", width=15, seeds=results["seeds"])
+    return results_table(results["methods"], COLUMNS, "method", width=10)

@@ -18,9 +18,10 @@ import dataclasses
 
 import numpy as np
 
-from dtl_jax.config import UnlearnConfig, UserError
+from dtl_jax.config import UnlearnConfig
 from dtl_jax.data.sources import ImageSplit
 from dtl_jax.data.tasks import Task
+from dtl_jax.errors import UserError
 
 DEFAULT_FRACTION = {"random": 0.1, "partial_class": 0.5, "full_class": 1.0}
 

@@ -1,0 +1,196 @@
+"""The disposal objective (docs/methods.md §1): a pure function of parameters and batches, no mesh.
+
+    L(θ) = Σ_t w_t · L_t(θ),   by default   w_retain · L_retain(θ) + w_unlearn · L_unlearn(θ),
+
+with ``w = {"retain": 1, "unlearn": λ}`` (``weights``; λ is ``disposal.gc_lambda`` for the GC family,
+``disposal.fooling_lambda`` for the others). The weights are an *argument* of the objective (and so of the
+jitted step, ``dtl_jax.train.steps.disposal_step``), not constants of its program: one compiled step serves
+every λ of a sweep. What does shape the program is the ``DisposalObjective`` itself (a frozen, hashable
+dataclass: the network, the method and the settings below), the optimiser and the mesh.
+
+Terms (``terms``):
+
+- ``retain``: ``disposal.retain`` on the target batch through the target head: ``ce`` (cross-entropy on its
+  labels) or ``tgt_kd`` (distillation from the frozen TL model ``teacher``, temperature ``T``); ``src_kd``
+  distils on the source batch instead.
+- ``unlearn``: the method's loss on the source batch (``losses.DISPOSAL_LOSSES``), one *term function* per
+  family (``TERMS``): ``collision`` (GC / NGC, ``gc.gc_loss`` over the parameters ``disposal.gc_params``,
+  the others held constant, ``K`` contiguous chunks) and ``fooling`` (RTF / UTF / GA through the source
+  head; RTF's wrong labels are drawn once for the global batch by ``prepare_source``). A new disposal loss is
+  a ``DisposalLoss`` entry and, if it is of a new family, one term function here.
+
+Batches are dicts ``{"image" [B,H,W,C], "label" [B]}`` (the source one possibly with ``"fool_label"``). A
+batch may carry ``"weight" [B]``: per-example weights that replace every mean over the batch by
+``Σ_i w_i ℓ_i`` (a padding example weighs 0, like jax_privacy's ``is_padding_example``); GC's chunk ``k``
+then has the loss ``Σ_{i∈B_k} K·w_i ℓ_i``. With weights ``1/n`` (``n`` the batch size) every term is the
+unweighted one. That is how a sharded step (``train.steps.disposal_step``) evaluates this objective on each
+device's part of the global batches: with the global batches' weights (``1/n`` for real examples, 0 for
+padding) each device's additive terms are its share of the global means, and GC, computed across the
+devices by ``gc_loss(..., axis_name=...)``, is the same on every device, so its share is ``GC / N``
+(``local_terms``). Without weights (one device) the terms are plain batch means.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from dtl_jax import losses
+from dtl_jax.gc import AxisName, gc_loss
+from dtl_jax.losses import DisposalLoss, disposal_loss
+from dtl_jax.models import Network
+
+__all__ = ["DisposalObjective", "TERMS", "LAMBDA_FIELDS", "merge_params", "split_gc_params", "weights"]
+
+# The config field that holds λ, per family (``weights``).
+LAMBDA_FIELDS = {"collision": "gc_lambda", "fooling": "fooling_lambda"}
+
+
+def weights(method: str, config) -> dict[str, float]:
+    """The term weights of ``method`` under a ``DisposalConfig``: ``{"retain": 1, "unlearn": λ}``."""
+    return {"retain": 1.0, "unlearn": float(getattr(config, LAMBDA_FIELDS[disposal_loss(method).family]))}
+
+
+def split_gc_params(params: dict, which: str) -> tuple[dict, dict]:
+    """Splits ``params`` into (parameters that enter the chunk gradients, the rest): ``which`` is
+    ``backbone_source`` (the backbone and the source head), ``backbone`` or ``all``."""
+    if which == "all":
+        return params, {}
+    heads = params["heads"]
+    keep = {"source"} if which == "backbone_source" else set()
+    gc_part = {"backbone": params["backbone"], "heads": {k: v for k, v in heads.items() if k in keep}}
+    rest = {"heads": {k: v for k, v in heads.items() if k not in keep}}
+    return gc_part, rest
+
+
+def merge_params(gc_part: dict, rest: dict) -> dict:
+    """The inverse of ``split_gc_params``."""
+    if not rest:
+        return gc_part
+    return {"backbone": gc_part["backbone"], "heads": {**rest["heads"], **gc_part["heads"]}}
+
+
+def batch_mean(loss: Callable, weight: jax.Array | None, *args: jax.Array) -> jax.Array:
+    """``loss(*args)`` (a batch-mean loss) or, with per-example ``weight``, ``Σ_i w_i loss(example i)``:
+    ``loss`` evaluated example by example (``jax.vmap`` over batches of one), which is right for every loss
+    here since each is a mean of per-example terms (``tests/test_losses.py`` checks it)."""
+    if weight is None:
+        return loss(*args)
+    values = jax.vmap(lambda *a: loss(*(x[None] for x in a)))(*args)
+    return jnp.sum(weight * values)
+
+
+@dataclasses.dataclass(frozen=True)
+class DisposalObjective:
+    """``L_retain + λ · L_unlearn`` for one disposal ``method`` (see the module docstring).
+
+    Every field shapes the compiled program; nothing else does (the weights are arguments)."""
+
+    network: Network
+    method: str
+    retain: str = "tgt_kd"  # ce | tgt_kd | src_kd
+    temperature: float = 4.0  # of tgt_kd / src_kd
+    num_chunks: int = 5  # K (GC family)
+    gc_params: str = "backbone_source"  # which parameters enter the chunk gradients
+    gc_low_memory: bool = False  # gc_loss's low_memory
+
+    @classmethod
+    def from_config(cls, network: Network, method: str, config) -> DisposalObjective:
+        """The objective of ``method`` under a ``DisposalConfig`` (its λ not included: see ``weights``)."""
+        disposal_loss(method)  # an unknown method fails here, not inside a trace
+        return cls(network, method, config.retain, config.temperature, config.num_chunks, config.gc_params,
+                   config.gc_low_memory)  # fmt: skip
+
+    @property
+    def loss(self) -> DisposalLoss:
+        return disposal_loss(self.method)
+
+    def forward(self, params: dict, batch_stats: dict, images: jax.Array, head: str, train: bool = True):
+        return self.network.apply({"params": params, "batch_stats": batch_stats}, images, head=head, train=train)
+
+    def prepare_source(self, key: jax.Array, source: dict, num_source_classes: int) -> dict:
+        """The source batch as the terms read it: for RTF, ``fool_label`` drawn for the *global* batch (call
+        it before splitting the batch over devices, so that the draw does not depend on their count)."""
+        source = {"image": source["image"], "label": source["label"]}
+        if self.loss.wrong_labels:
+            source["fool_label"] = losses.random_wrong_labels(key, source["label"], num_source_classes)
+        return source
+
+    def retain_term(self, params, batch_stats, teacher, source, target) -> tuple[jax.Array, dict]:
+        """``(L_retain, updated BatchNorm statistics)``."""
+        batch = source if self.retain == "src_kd" else target
+        logits, _, stats = self.forward(params, batch_stats, batch["image"], "target")
+        weight = batch.get("weight")
+        if self.retain == "ce":
+            return batch_mean(losses.cross_entropy, weight, logits, batch["label"]), stats
+        teacher_logits, _, _ = self.network.apply(teacher, batch["image"], head="target", train=False)
+        kd = lambda s, t: losses.distillation(s, t, self.temperature)  # noqa: E731
+        return batch_mean(kd, weight, logits, teacher_logits), stats
+
+    def unlearn_term(self, params, batch_stats, source, axis_name: AxisName = None) -> jax.Array:
+        """``L_unlearn`` on the source batch: the term function of the method's family (``TERMS``)."""
+        return TERMS[self.loss.family](self, params, batch_stats, source, axis_name)
+
+    def terms(self, params, batch_stats, teacher, source, target, axis_name: AxisName = None):
+        """``({"retain": L_retain, "unlearn": L_unlearn}, updated BatchNorm statistics)``."""
+        retain, stats = self.retain_term(params, batch_stats, teacher, source, target)
+        return {"retain": retain, "unlearn": self.unlearn_term(params, batch_stats, source, axis_name)}, stats
+
+    def __call__(self, params, batch_stats, teacher, weights, source, target, axis_name: AxisName = None):
+        """``(Σ_t w_t L_t, (terms, updated BatchNorm statistics))``: differentiate it with ``has_aux``."""
+        terms, stats = self.terms(params, batch_stats, teacher, source, target, axis_name)
+        return combine(weights, terms), (terms, stats)
+
+    def local_terms(self, params, batch_stats, teacher, source, target, axis_name: AxisName, devices: int):
+        """This device's *share* of every term inside a ``shard_map`` over ``devices`` devices, with the
+        batches weighted as the global batches (``Σ`` over the devices of a share is the term): the additive
+        terms are shares already; a term computed across the devices (GC) is divided by ``devices``."""
+        terms, stats = self.terms(params, batch_stats, teacher, source, target, axis_name)
+        if self.loss.family == "collision" and devices > 1:
+            terms = {**terms, "unlearn": terms["unlearn"] / devices}
+        return terms, stats
+
+
+def combine(weights: dict, terms: dict) -> jax.Array:
+    """``Σ_t w_t · L_t`` over the terms, in their order (a term without a weight counts once)."""
+    values = [weights[name] * value if name in weights else value for name, value in terms.items()]
+    total = values[0]
+    for value in values[1:]:
+        total = total + value
+    return total
+
+
+def collision_term(objective: DisposalObjective, params, batch_stats, source, axis_name: AxisName) -> jax.Array:
+    """GC / NGC (``gc.gc_loss``) of the chunk gradients of the source cross-entropy through the source head,
+    over the parameters ``objective.gc_params`` (the rest held constant). With per-example weights, chunk
+    ``k``'s loss is ``Σ_{i∈B_k} K·w_i ℓ_i`` (``gc_loss``'s ``weights``)."""
+    gc_part, rest = split_gc_params(params, objective.gc_params)
+    chunks = {"image": source["image"], "label": source["label"]}
+    weight = source.get("weight")
+
+    def chunk_loss(p, chunk):
+        logits, _, _ = objective.forward(merge_params(p, rest), batch_stats, chunk["image"], "source")
+        if weight is None:
+            return losses.cross_entropy(logits, chunk["label"])
+        return losses.per_example_cross_entropy(logits, chunk["label"])  # weighted by gc_loss
+
+    return gc_loss(
+        chunk_loss, gc_part, chunks, objective.num_chunks, normalized=objective.loss.normalized,
+        low_memory=objective.gc_low_memory, axis_name=axis_name,
+        weights=None if weight is None else objective.num_chunks * weight,
+    )  # fmt: skip
+
+
+def fooling_term(objective: DisposalObjective, params, batch_stats, source, axis_name: AxisName) -> jax.Array:
+    """RTF / UTF / GA: the method's ``fooling(logits, labels)`` through the source head, on ``fool_label``
+    (RTF) or the true labels."""
+    del axis_name  # an additive term: each device's share needs no communication
+    logits, _, _ = objective.forward(params, batch_stats, source["image"], "source")
+    labels = source["fool_label" if objective.loss.wrong_labels else "label"]
+    return batch_mean(objective.loss.fooling, source.get("weight"), logits, labels)
+
+
+TERMS: dict[str, Callable] = {"collision": collision_term, "fooling": fooling_term}
