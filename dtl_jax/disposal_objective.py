@@ -26,8 +26,8 @@ then has the loss ``Σ_{i∈B_k} K·w_i ℓ_i``. With weights ``1/n`` (``n`` the
 unweighted one. That is how a sharded step (``train.steps.disposal_step``) evaluates this objective on each
 device's part of the global batches: with the global batches' weights (``1/n`` for real examples, 0 for
 padding) each device's additive terms are its share of the global means, and GC, computed across the
-devices by ``gc_loss(..., axis_name=...)``, is the same on every device, so its share is ``GC / N``
-(``local_terms``). Without weights (one device) the terms are plain batch means.
+devices by ``gc_loss(..., axis_name=...)``, is the same on every device, so its share is ``GC / N``.
+Without weights (one device) the terms are plain batch means.
 """
 
 from __future__ import annotations
@@ -143,15 +143,6 @@ class DisposalObjective:
         """``(Σ_t w_t L_t, (terms, updated BatchNorm statistics))``: differentiate it with ``has_aux``."""
         terms, stats = self.terms(params, batch_stats, teacher, source, target, axis_name)
         return combine(weights, terms), (terms, stats)
-
-    def local_terms(self, params, batch_stats, teacher, source, target, axis_name: AxisName, devices: int):
-        """This device's *share* of every term inside a ``shard_map`` over ``devices`` devices, with the
-        batches weighted as the global batches (``Σ`` over the devices of a share is the term): the additive
-        terms are shares already; a term computed across the devices (GC) is divided by ``devices``."""
-        terms, stats = self.terms(params, batch_stats, teacher, source, target, axis_name)
-        if self.loss.family == "collision" and devices > 1:
-            terms = {**terms, "unlearn": terms["unlearn"] / devices}
-        return terms, stats
 
 
 def combine(weights: dict, terms: dict) -> jax.Array:

@@ -1,11 +1,25 @@
-"""Test set-up: float64 available per test, quiet TF logging, shared tiny configs."""
+"""Test set-up: four CPU devices, float64 available per test, quiet TF logging, shared tiny configs.
+
+JAX fixes its device count when its backend starts, so this file, which pytest imports before any test,
+asks for ``DEVICES`` CPU devices first (unless ``JAX_NUM_CPU_DEVICES`` is already set, e.g. by a test that
+starts pytest in a subprocess): multi-device behaviour (sharded steps, data-parallel stages) is then tested
+in-process, in the fast tier. Runs use every device by default (``train.mesh.data_mesh()``), so the tests'
+DTL and unlearning runs are 4-device runs; a test that needs one device builds a 1-device mesh
+(``data_mesh(1)``) or sets ``disposal.devices=1``. Subprocesses started by tests keep JAX's default of one
+device unless they ask for more.
+"""
 
 import dataclasses
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+import jax  # noqa: E402
 import pytest  # noqa: E402
+
+DEVICES = 4
+if "JAX_NUM_CPU_DEVICES" not in os.environ:
+    jax.config.update("jax_num_cpu_devices", DEVICES)
 
 from dtl_jax.config import Config, DataConfig, ModelConfig, OptimConfig, PiggybackConfig, TaskConfig  # noqa: E402
 

@@ -326,8 +326,8 @@ def test_boundary_neighbour_labels_match_the_reference_procedure(trained):
 
 @pytest.mark.slow
 def test_salun_and_boundary_preprocessing_run_on_every_device(trained, monkeypatch):
-    """The saliency pass and the neighbour labels are ``steps.DataParallel`` over every device (run with
-    ``JAX_NUM_CPU_DEVICES=4`` by ``tests/test_data_parallel.py``)."""
+    """The saliency pass and the neighbour labels are ``steps.DataParallel`` over every device (4 in the
+    tests: ``tests/conftest.py``), and the tests above of their results ran on those 4 devices."""
     from dtl_jax.train import steps
     from dtl_jax.unlearn.methods.boundary_shrink import neighbour_labels
     from dtl_jax.unlearn.methods.salun import saliency

@@ -4,6 +4,7 @@ process-local batch slices, and ``jax.distributed`` start-up."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -20,10 +21,26 @@ AXIS = "data"
 CHUNKS, EXAMPLES = "chunks", "examples"  # the disposal step's 2-D view of the "data" axis
 
 
+_DEFAULT_DEVICES = [0]  # what data_mesh(0) means: 0 = every device (``default_devices`` changes it)
+
+
+@contextlib.contextmanager
+def default_devices(devices: int):
+    """Within the block, ``data_mesh()`` (and so every step built without a mesh of its own: the unlearning
+    methods' and their evaluation) uses the first ``devices`` devices instead of all of them."""
+    before = _DEFAULT_DEVICES[0]
+    _DEFAULT_DEVICES[0] = devices
+    try:
+        yield
+    finally:
+        _DEFAULT_DEVICES[0] = before
+
+
 def data_mesh(devices: int = 0) -> Mesh:
-    """A 1-D mesh over the first ``devices`` devices (0 = all of ``jax.devices()``, every process's)."""
+    """A 1-D mesh over the first ``devices`` devices (0 = all of ``jax.devices()``, every process's, unless
+    ``default_devices`` says otherwise)."""
     available = jax.devices()
-    n = devices or len(available)
+    n = devices or _DEFAULT_DEVICES[0] or len(available)
     if n > len(available):
         raise UserError(f"a mesh of {devices} devices: only {len(available)} are available")
     return Mesh(np.array(available[:n]), (AXIS,))

@@ -182,23 +182,24 @@ class DataParallel:
             out,
             is_leaf=lambda x: isinstance(x, P),
         )  # fmt: skip
-        self._programs: dict[tuple[int, str], Callable] = {}  # (argument count, mode) -> jitted
+        self._programs: dict[tuple[tuple[bool, ...], str], Callable] = {}  # (arrivals, mode) -> jitted
 
     def replicate(self, tree):
         """``tree`` placed whole on every device of the mesh (explicitly; placed leaves are kept)."""
         return replicate(self.mesh, tree)
 
-    def jitted(self, count: int, mode: str = "split") -> Callable:
-        """The jitted function for ``count`` arguments; ``mode``: ``split`` (batches arrive split),
-        ``uneven`` (batches arrive whole and are split inside) or ``whole`` (computed whole everywhere)."""
-        if (count, mode) not in self._programs:
-            batch = self._split if mode == "split" else self._whole
-            in_shardings = (self._whole,) * self.replicated + (batch,) * (count - self.replicated)
+    def jitted(self, arrivals: tuple[bool, ...], mode: str = "split") -> Callable:
+        """The jitted function for batches that arrive split (``True``) or whole (``False``), in order;
+        ``mode``: ``split`` (every batch split; the whole ones inside, ``with_sharding_constraint``) or
+        ``whole`` (the whole ones computed whole on every device)."""
+        if (arrivals, mode) not in self._programs:
+            batches = tuple(self._split if split else self._whole for split in arrivals)
             fn = self.fn if mode == "whole" else self._constrained
-            self._programs[count, mode] = jax.jit(
-                fn, in_shardings=in_shardings, out_shardings=self._out, donate_argnums=self.donate_argnums
-            )
-        return self._programs[count, mode]
+            self._programs[arrivals, mode] = jax.jit(
+                fn, in_shardings=(self._whole,) * self.replicated + batches, out_shardings=self._out,
+                donate_argnums=self.donate_argnums,
+            )  # fmt: skip
+        return self._programs[arrivals, mode]
 
     def _constrained(self, *args):
         head, batches = args[: self.replicated], args[self.replicated :]
@@ -206,15 +207,14 @@ class DataParallel:
         return self.fn(*head, *batches)
 
     def program(self, *args):
-        """``(jitted function, arguments with the batches placed)`` for a call with ``args``."""
+        """``(jitted function, arguments with the batches placed)`` for a call with ``args``, and so the
+        mode: ``split``, or ``whole`` where ``split_uneven`` rejects an uneven batch."""
         head, batches = args[: self.replicated], [place_batch(self.mesh, b) for b in args[self.replicated :]]
-        firsts = [x for b in batches for x in jax.tree.leaves(b)[:1]]
-        mode = "split"
-        if any(x.sharding != self._split for x in firsts):  # a batch arrived whole: split inside, or not
-            uneven = any(x.shape[0] % self.devices for x in firsts)
-            rejected = uneven and self.split_uneven is not None and not self.split_uneven(*args)
-            mode = "whole" if rejected else "uneven"
-        return self.jitted(len(args), mode), (*head, *batches)
+        firsts = [jax.tree.leaves(b)[0] for b in batches if jax.tree.leaves(b)]
+        arrivals = tuple(x.sharding == self._split for x in firsts)
+        uneven = any(x.shape[0] % self.devices for x in firsts)
+        rejected = uneven and self.split_uneven is not None and not self.split_uneven(*args)
+        return self.jitted(arrivals, "whole" if rejected else "split"), (*head, *batches)
 
     def __call__(self, *args):
         fn, placed = self.program(*args)
@@ -292,8 +292,9 @@ def disposal_step(objective: DisposalObjective, tx, mesh: Mesh | None = None, ma
     every example carries its global-batch weight (``1/n``, padding 0: ``mesh.padded_rows`` and
     ``ChunkLayout.source_rows`` pad uneven splits with repeated examples), so that every device count gives
     the one-device result (up to float rounding; a BatchNorm model normalises over each device's part).
-    Each device differentiates its share of the objective (``DisposalObjective.local_terms``) with respect to
-    device-varying parameters; one ``psum`` sums the gradients. Parameter-size all-reduces per step: two
+    Each device differentiates its share of the objective with respect to device-varying parameters (a term
+    that varies over the devices is its share already; one computed across them, GC, counts ``1/N``); one
+    ``psum`` sums the gradients. Parameter-size all-reduces per step: two
     where the device count divides ``K`` (``G`` or ``U`` inside ``gc_loss``, then the gradient sum);
     otherwise ``ChunkLayout.all_reduces``. For the fooling losses: one, of the gradient.
     """
@@ -305,12 +306,17 @@ def disposal_step(objective: DisposalObjective, tx, mesh: Mesh | None = None, ma
         varying = jax.lax.pcast(params, axes, to="varying")  # local gradients: no implicit psum
 
         def share(p):
-            terms, stats = objective.local_terms(p, batch_stats, teacher, source, target, layout.axis_name, devices)
-            return combine(weights, terms), (terms, stats)
+            """This device's share of the objective: a term that varies over the devices is its share of
+            the global term already (the batches carry their global weights); one that does not (GC,
+            computed across the devices) counts ``1/N`` on each."""
+            terms, stats = objective.terms(p, batch_stats, teacher, source, target, layout.axis_name)
+            shares = {name: value if _varies(value, axes) or devices == 1 else value / devices
+                      for name, value in terms.items()}  # fmt: skip
+            return combine(weights, shares), (terms, stats)
 
         (_, (terms, stats)), grads = jax.value_and_grad(share, has_aux=True)(varying)
         grads = jax.lax.psum(grads, axes)  # the one fused all-reduce of the gradients
-        terms = jax.lax.psum(terms, axes)  # the shares' sums: the terms
+        terms = {name: jax.lax.psum(value, axes) if _varies(value, axes) else value for name, value in terms.items()}
         stats = jax.lax.pmean(stats, axes)
         return combine(weights, terms), grads, stats, terms
 
@@ -347,6 +353,14 @@ def disposal_step(objective: DisposalObjective, tx, mesh: Mesh | None = None, ma
     replicated = NamedSharding(mesh, P())
     in_shardings = (replicated, replicated, replicated, None, None)
     return jax.jit(step, donate_argnums=0, in_shardings=in_shardings, out_shardings=replicated)
+
+
+def _varies(x: jax.Array, axes: tuple[str, ...]) -> bool:
+    """Whether ``x`` (inside ``shard_map``) may differ between the devices of ``axes`` (its varying axes)."""
+    aval = jax.typeof(x)
+    manual = getattr(aval, "manual_axis_type", None)
+    varying = manual.varying if manual is not None else getattr(aval, "vma", ())
+    return bool(set(axes) & set(varying))
 
 
 def disposal_weights(mesh: Mesh, weights: dict, dtype=jnp.float32) -> dict:

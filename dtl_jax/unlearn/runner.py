@@ -24,6 +24,7 @@ from dtl_jax.summary import format_table as results_table
 from dtl_jax.train import steps
 from dtl_jax.train.checkpointed import CheckpointedStage
 from dtl_jax.train.compiled import Compiled
+from dtl_jax.train.mesh import data_mesh
 from dtl_jax.train.metrics import MetricsWriter
 from dtl_jax.train.optim import make_optimizer
 from dtl_jax.unlearn import registry
@@ -57,8 +58,10 @@ def _outputs(network, variables, scenario, config, compiled: Compiled | None = N
     # the eval-mode forward through the classifier head, data-parallel over every device: compiled once
     # for every evaluated model and every seed that shares ``compiled``
     compiled = compiled or Compiled()
-    fn = compiled.get(("predict", config.model, HEAD), lambda: steps.predict_fn(network, HEAD))
+    mesh = data_mesh()
+    fn = compiled.get(("predict", config.model, HEAD, mesh), lambda: steps.predict_fn(network, HEAD, mesh))
     d = config.data
+    variables = fn.replicate(variables)  # placed once for the three splits
     out = {}
     for name in ("forget", "retain", "test"):
         split = getattr(scenario, name)
