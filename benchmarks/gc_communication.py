@@ -1,6 +1,6 @@
 """Communication of one GC disposal step for each (K, device count): all-reduces from the compiled HLO.
 
-Compiles ``dtl_jax.train.steps.disposal_step`` (method ``gc``, or ``ngc``; the default run's model, image
+Compiles ``dtl_jax.train.disposal_step.disposal_step`` (method ``gc``, or ``ngc``; the default run's model, image
 size, batches and ``gc_params``) over meshes of the first ``N`` of 8 CPU devices for each ``K`` and
 ``N``, and reads every all-reduce's element count from the compiled HLO (``mesh.all_reduce_sizes``;
 nothing runs, so this is not a timing). It prints, per ``(K, N)``: the chunk layout ``c x e`` (chunks
@@ -42,6 +42,7 @@ def measure(args: argparse.Namespace) -> dict:
     from dtl_jax.disposal_objective import split_gc_params
     from dtl_jax.models import build
     from dtl_jax.train import steps
+    from dtl_jax.train.disposal_step import disposal_program
     from dtl_jax.train.mesh import all_reduce_sizes, chunk_layout, data_mesh, place_disposal_batches
     from dtl_jax.train.optim import make_optimizer
 
@@ -75,7 +76,7 @@ def measure(args: argparse.Namespace) -> dict:
         tx = make_optimizer(config.optim, 10)
         for n in args.devices:
             mesh = data_mesh(n)
-            step, weights = steps.disposal_program(network, args.method, config, tx, mesh)
+            step, weights = disposal_program(network, args.method, config, tx, mesh)
             placed = place_disposal_batches(mesh, k, source, target)
             state, teacher = steps.init_state(variables, tx, 0, mesh), steps.replicate(mesh, variables)
             hlo = step.lower(state, teacher, weights, *placed).compile().as_text()

@@ -2,7 +2,7 @@
 
 Builds the default experiment's pieces as ``dtl_jax.dtl.dispose`` does: the embedded source and target
 tasks (``dtl_jax.data.tasks.make_task`` with ``Config().data``), the default CNN, the GC disposal step
-(``dtl_jax.train.steps.disposal_step`` on ``data_mesh(disposal.devices)``) and its batches:
+(``dtl_jax.train.disposal_step.disposal_step`` on ``data_mesh(disposal.devices)``) and its batches:
 ``pipeline.class_chunked_batches`` (source, by_class chunks) and ``pipeline.shuffled_batches`` (target),
 each pair placed with ``shard_batch``. The step loop mimics ``dtl_jax.train.loop.run_steps``: steps are
 dispatched asynchronously and the metrics are fetched every ``--log-every`` steps (one host sync).
@@ -40,6 +40,7 @@ from dtl_jax.data import pipeline
 from dtl_jax.data.tasks import make_task
 from dtl_jax.models import build
 from dtl_jax.train import steps
+from dtl_jax.train.disposal_step import disposal_program
 from dtl_jax.train.mesh import data_mesh, shard_batch
 from dtl_jax.train.optim import make_optimizer
 
@@ -94,7 +95,7 @@ def measure(num_steps: int, rounds: int, log_every: int, method: str) -> dict:
     )
     mesh = data_mesh(d.devices)
     tx = make_optimizer(d.optim, d.steps)
-    dispose, weights = steps.disposal_program(network, method, d, tx, mesh)
+    dispose, weights = disposal_program(network, method, d, tx, mesh)
     teacher = steps.replicate(mesh, variables)
     step = lambda state, source, target: dispose(state, teacher, weights, source, target)  # noqa: E731
     state = steps.init_state(variables, tx, 0, mesh)

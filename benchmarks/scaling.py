@@ -2,7 +2,7 @@
 
 JAX fixes the number of CPU devices at start-up, so this script re-launches itself once per device
 count ``N`` with ``JAX_NUM_CPU_DEVICES=N`` and collects each child's JSON line. Each child builds the
-same network, batches and ``dtl_jax.train.steps.disposal_step`` (method ``gc``, TGT-KD retain, SGD with
+same network, batches and ``dtl_jax.train.disposal_step.disposal_step`` (method ``gc``, TGT-KD retain, SGD with
 global-norm clipping) over a ``data_mesh(N)`` and measures:
 
 * the step time: median of ``--repeats`` steps after a warm-up (compilation excluded,
@@ -58,6 +58,7 @@ def child(args: argparse.Namespace) -> dict:
     from dtl_jax.disposal_objective import split_gc_params
     from dtl_jax.models import build
     from dtl_jax.train import steps
+    from dtl_jax.train.disposal_step import disposal_program
     from dtl_jax.train.mesh import all_reduce_sizes, chunk_layout, data_mesh, place_disposal_batches
     from dtl_jax.train.optim import make_optimizer
 
@@ -84,7 +85,7 @@ def child(args: argparse.Namespace) -> dict:
     )
     tx = make_optimizer(config.optim, 1000)
     mesh = data_mesh(n)
-    step, weights = steps.disposal_program(network, "gc", config, tx, mesh)
+    step, weights = disposal_program(network, "gc", config, tx, mesh)
     teacher = steps.replicate(mesh, variables)
     source_d, target_d = place_disposal_batches(mesh, args.chunks, source, target)
 
@@ -202,7 +203,7 @@ def stage_steps(mesh, tiny: bool = False) -> dict:
     MLP at 8x8 with batches of 8-16), ``(step, args, batch, donated)``: the stage's step on ``mesh`` and
     its arguments (state first where ``donated``). Pre-training, transfer and piggyback learning are
     ``steps.supervised_step`` (batch 64, 64, 32); the source-head refit is ``stages.fit_head``'s step (a
-    linear head on features, batch 64); disposal is GC (``steps.disposal_step``, K = 5, source 80 /
+    linear head on features, batch 64); disposal is GC (``disposal_step.disposal_step``, K = 5, source 80 /
     target 64 examples, as the default); unlearning a ``steps.custom_step`` (SCRUB's min-step: CE plus KL
     to the frozen original, batch 64); prediction ``steps.predict_fn`` (batch 500, padded to a multiple of
     the device count as ``evaluate.predict`` does)."""
@@ -217,6 +218,7 @@ def stage_steps(mesh, tiny: bool = False) -> dict:
     from dtl_jax.config import Config, ModelConfig, OptimConfig
     from dtl_jax.models import build
     from dtl_jax.train import steps
+    from dtl_jax.train.disposal_step import disposal_program
     from dtl_jax.train.mesh import place_disposal_batches
     from dtl_jax.train.optim import heads_trainable, make_optimizer
 
@@ -266,7 +268,7 @@ def stage_steps(mesh, tiny: bool = False) -> dict:
 
     d = c.disposal
     tx_d = make_optimizer(d.optim, 1000)
-    dispose, weights = steps.disposal_program(network, "gc", d, tx_d, mesh)
+    dispose, weights = disposal_program(network, "gc", d, tx_d, mesh)
     source, target = batch(d.source_batch_size), batch(c.transfer.batch_size)
     source_d, target_d = place_disposal_batches(mesh, d.num_chunks, source, target)
     rows["disposal"] = (

@@ -40,11 +40,16 @@ def _resolve(name: str, known: dict[str, Path]) -> str | None:
     return None
 
 
-def imports(module: str, tree: ast.AST | None = None) -> set[str]:
+def source(module: str) -> str:
+    """The source text of a package module."""
+    return package_modules()[module].read_text()
+
+
+def imports(module: str) -> set[str]:
     """The package modules ``module`` imports (``from a.b import c`` counts ``a.b.c`` if that is a module)."""
     known = package_modules()
     path = known[module]
-    tree = tree or ast.parse(path.read_text(), str(path))
+    tree = ast.parse(source(module), str(path))
     anchor = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
     out = set()
     for node in ast.walk(tree):
@@ -95,8 +100,7 @@ def _without_docstrings(tree: ast.AST) -> ast.AST:
 
 def module_code(module: str) -> str:
     """The code of one module: its syntax tree without docstrings, dumped (no line numbers)."""
-    path = package_modules()[module]
-    return ast.dump(_without_docstrings(ast.parse(path.read_text(), str(path))))
+    return ast.dump(_without_docstrings(ast.parse(source(module))))
 
 
 @functools.cache

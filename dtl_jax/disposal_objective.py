@@ -4,7 +4,7 @@
 
 with ``w = {"retain": 1, "unlearn": λ}`` (``weights``; λ is ``disposal.gc_lambda`` for the GC family,
 ``disposal.fooling_lambda`` for the others). The weights are an *argument* of the objective (and so of the
-jitted step, ``dtl_jax.train.steps.disposal_step``), not constants of its program: one compiled step serves
+jitted step, ``dtl_jax.train.disposal_step.disposal_step``), not constants of its program: one compiled step serves
 every λ of a sweep. What does shape the program is the ``DisposalObjective`` itself (a frozen, hashable
 dataclass: the network, the method and the settings below), the optimiser and the mesh.
 
@@ -23,7 +23,7 @@ Batches are dicts ``{"image" [B,H,W,C], "label" [B]}`` (the source one possibly 
 batch may carry ``"weight" [B]``: per-example weights that replace every mean over the batch by
 ``Σ_i w_i ℓ_i`` (a padding example weighs 0, like jax_privacy's ``is_padding_example``); GC's chunk ``k``
 then has the loss ``Σ_{i∈B_k} K·w_i ℓ_i``. With weights ``1/n`` (``n`` the batch size) every term is the
-unweighted one. That is how a sharded step (``train.steps.disposal_step``) evaluates this objective on each
+unweighted one. That is how a sharded step (``train.disposal_step.disposal_step``) evaluates this objective on each
 device's part of the global batches: with the global batches' weights (``1/n`` for real examples, 0 for
 padding) each device's additive terms are its share of the global means, and GC, computed across the
 devices by ``gc_loss(..., axis_name=...)``, is the same on every device, so its share is ``GC / N``.
@@ -114,7 +114,7 @@ class DisposalObjective:
     def prepare_source(self, key: jax.Array, source: dict, num_source_classes: int) -> dict:
         """The source batch as the terms read it: for RTF, ``fool_label`` drawn for the *global* batch (call
         it before splitting the batch over devices, so that the draw does not depend on their count)."""
-        source = {"image": source["image"], "label": source["label"]}
+        source = {key: value for key, value in source.items() if key in ("image", "label", "weight")}
         if self.loss.wrong_labels:
             source["fool_label"] = losses.random_wrong_labels(key, source["label"], num_source_classes)
         return source

@@ -408,7 +408,7 @@ def gc_loss(
       parameters JAX inserts that ``psum`` itself and the gradient is ``∇GC``. A per-device objective
       that adds GC to device-varying terms (each device's share of a data loss) must add ``GC / N`` on
       each of the ``N`` devices: JAX sums the cotangent of a device-invariant value over the devices
-      (``dtl_jax.train.steps.disposal_step`` does this). Works under ``jax.jit``; cannot itself be
+      (``dtl_jax.train.disposal_step.disposal_step`` does this). Works under ``jax.jit``; cannot itself be
       ``jax.jvp``'d (it is a ``custom_vjp``).
 
     >>> import jax.numpy as jnp

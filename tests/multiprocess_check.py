@@ -17,6 +17,7 @@ def main(process_id: int, port: str, out: str) -> None:
     from dtl_jax.config import DisposalConfig, ModelConfig, OptimConfig
     from dtl_jax.models import build
     from dtl_jax.train import steps
+    from dtl_jax.train.disposal_step import disposal_program
     from dtl_jax.train.mesh import data_mesh, shard_batch
     from dtl_jax.train.optim import make_optimizer
 
@@ -30,13 +31,13 @@ def main(process_id: int, port: str, out: str) -> None:
     tx = make_optimizer(config.optim, 10)
 
     mesh = data_mesh()  # both processes' devices
-    step, weights = steps.disposal_program(network, "gc", config, tx, mesh)
+    step, weights = disposal_program(network, "gc", config, tx, mesh)
     state, teacher = steps.init_state(variables, tx, 0, mesh), steps.replicate(mesh, variables)
     state, metrics = step(state, teacher, weights, shard_batch(mesh, source), shard_batch(mesh, target))
     params = jax.device_get(jax.tree.map(lambda x: x.addressable_data(0), state["params"]))
 
     local = Mesh(np.array(jax.local_devices()[:1]), ("data",))
-    reference, ref_weights = steps.disposal_program(network, "gc", config, tx, local)
+    reference, ref_weights = disposal_program(network, "gc", config, tx, local)
     ref_state, ref_teacher = steps.init_state(variables, tx, 0, local), steps.replicate(local, variables)
     ref_state, ref_metrics = reference(ref_state, ref_teacher, ref_weights, source, target)
     ref_params = jax.device_get(ref_state["params"])

@@ -30,6 +30,7 @@ from dtl_jax.errors import UserError
 from dtl_jax.gc import gc_loss
 from dtl_jax.models import build
 from dtl_jax.train import steps
+from dtl_jax.train.disposal_step import disposal_program
 from dtl_jax.train.mesh import (
     ChunkLayout,
     all_reduce_sizes,
@@ -60,9 +61,7 @@ CASES = {
 }
 FAST = {("gc", 3), ("gc", 4), ("gc_k2", 4), ("rtf", 3)}  # the fast tier: padded, whole chunks, 2-D, fooling
 RUNS = [
-    pytest.param(name, n, marks=() if (name, n) in FAST else slow)
-    for name, case in CASES.items()
-    for n in case[-1]
+    pytest.param(name, n, marks=() if (name, n) in FAST else slow) for name, case in CASES.items() for n in case[-1]
 ]
 
 
@@ -99,7 +98,7 @@ def _reference(name: str) -> tuple[float, list]:
     config = _config(name)
     tx = make_optimizer(config.optim, 10)
     mesh = data_mesh(1)
-    step, weights = steps.disposal_program(network, method, config, tx, mesh)
+    step, weights = disposal_program(network, method, config, tx, mesh)
     state, teacher = steps.init_state(variables, tx, 0, mesh), steps.replicate(mesh, variables)
     state, metrics = step(state, teacher, weights, *_batches(k, n_source, n_target))
     return float(metrics["unlearn"]), jax.tree.leaves(jax.device_get(state["params"]))
@@ -114,7 +113,7 @@ def _run(name: str, devices: int) -> dict:
     config = dataclasses.replace(_config(name), gc_low_memory=low_memory)
     tx = make_optimizer(config.optim, 10)
     mesh = data_mesh(devices)
-    step, weights = steps.disposal_program(network, method, config, tx, mesh)
+    step, weights = disposal_program(network, method, config, tx, mesh)
     state, teacher = steps.init_state(variables, tx, 0, mesh), steps.replicate(mesh, variables)
     placed = place_disposal_batches(mesh, k, *_batches(k, n_source, n_target))
     compiled = step.lower(state, teacher, weights, *placed).compile()

@@ -126,3 +126,62 @@ def test_seeds_share_the_disposal_program_and_each_distils_from_its_own_teacher(
     assert step._cache_size() == 1, "the second seed recompiled the disposal step"
     fresh = disposed(1, Compiled(), tmp_path / "fresh-1")
     assert jax.tree.all(jax.tree.map(np.array_equal, reused, fresh))
+
+
+# --- what is not an input: the attacker's budgets; what is: the code ----------------------------------
+
+
+def test_the_attackers_budgets_move_no_disposal_and_the_probe_has_its_own_field():
+    """``piggyback.shots`` is only the attacker's budgets: adding or reordering budgets changes no disposal
+    key (nor the PL runs of a budget already there); ``disposal.probe_shots`` sizes the held-out probe."""
+    base = Config()
+    for shots in ((5, 10), (10, 5), (10, 25, 50)):
+        changed = _changed(base, dataclasses.replace(base, piggyback=dataclasses.replace(base.piggyback, shots=shots)))
+        assert changed == set(), (shots, changed)
+    assert _changed(base, _with(base, probe_shots=5)) == {
+        f"{stage} {m}" for stage in ("disposal", "piggyback") for m in base.disposal.methods
+    }
+    assert Config().disposal.probe_shots == Config().piggyback.shots[0] == 10  # no default number moved
+
+
+@pytest.fixture
+def edited(monkeypatch):
+    """``edit(module, new_source)``: the stage keys as if ``module``'s source were ``new_source``."""
+    from dtl_jax import code_version
+
+    def edit(module: str, text: str) -> None:
+        real = code_version.source
+        monkeypatch.setattr(code_version, "source", lambda name: text if name == module else real(name))
+        code_version.code_version.cache_clear()
+
+    yield edit
+    code_version.code_version.cache_clear()
+
+
+def test_a_stage_whose_code_changed_reruns_and_only_it(edited):
+    """The stage keys carry the version of the code each stage runs (``dtl_jax.code_version``): a change to
+    the GC loss's code re-runs the GC-family disposals and every disposal after them, but neither
+    pre-training nor transfer; a docstring or comment changes nothing."""
+    from dtl_jax import code_version
+
+    base = Config()
+    before = _keys(base)
+    text = code_version.source("dtl_jax.gc")
+    edited("dtl_jax.gc", text.replace('"""Gradient Collision (GC)', '"""Reworded: Gradient Collision (GC)', 1)
+           + "\n# a comment\n")  # fmt: skip
+    assert _keys(base) == before
+    edited("dtl_jax.gc", text + "\nHVP_MODES = HVP_MODES + ()\n")
+    changed = {name for name, key in _keys(base).items() if key != before[name]}
+    assert {"disposal gc", "disposal rtf", "piggyback gc"} <= changed  # every disposal runs the same modules
+    assert not changed & {"pretrain", "transfer", "refit", "random_init", "piggyback tl", "piggyback random_init"}
+
+
+def test_code_versions_cover_what_each_stage_imports():
+    from dtl_jax.code_version import BOOKKEEPING, closure, package_modules
+
+    assert "dtl_jax.gc" in closure("dtl_jax.stages.disposal")
+    assert "dtl_jax.disposal_objective" in closure("dtl_jax.stages.disposal")
+    assert "dtl_jax.gc" not in closure("dtl_jax.stages.supervised")  # pre-training does not run GC
+    assert "dtl_jax.train.steps" in closure("dtl_jax.stages.supervised")
+    assert BOOKKEEPING <= set(package_modules())  # every module named there exists
+    assert not set(closure("dtl_jax.stages.piggyback")) & BOOKKEEPING

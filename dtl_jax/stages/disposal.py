@@ -1,5 +1,5 @@
 """Stage 3, knowledge disposal (docs/methods.md §1): ``L_retain + λ · L_unlearn`` from the TL model
-(``dtl_jax.disposal_objective``, sharded by ``dtl_jax.train.steps.disposal_step``), watched by a
+(``dtl_jax.disposal_objective``, sharded by ``dtl_jax.train.disposal_step.disposal_step``), watched by a
 ``DisposalMonitor`` on validation splits only."""
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from dtl_jax.stages.keys import stage_key
 from dtl_jax.stages.supervised import refit_source_head
 from dtl_jax.train import loop, steps
 from dtl_jax.train.checkpointed import CheckpointedStage
+from dtl_jax.train.disposal_step import disposal_step, disposal_weights
 from dtl_jax.train.loop import Bookkeeping
 from dtl_jax.train.mesh import place_disposal_batches
 from dtl_jax.train.optim import make_optimizer, shapes_program
@@ -131,11 +132,11 @@ def _dispose(exp: Experiment, method: str, tl: dict, stage: CheckpointedStage) -
     def build_step():
         tx = make_optimizer(d.optim, d.steps)
         objective = DisposalObjective.from_config(exp.network, method, d)
-        return tx, steps.disposal_step(objective, tx, exp.mesh, d.max_grad_norm)
+        return tx, disposal_step(objective, tx, exp.mesh, d.max_grad_norm)
 
     tx, step = exp.compiled.get(("disposal", c.model, method, program_key(d), exp.mesh), build_step)
     dtype = jax.tree.leaves(tl["params"])[0].dtype
-    loss_weights = steps.disposal_weights(exp.mesh, weights(method, d), dtype)  # λ: an argument, placed once
+    loss_weights = disposal_weights(exp.mesh, weights(method, d), dtype)  # λ: an argument, placed once
     state = steps.init_state(start, tx, exp.stream("disposal-rng"), exp.mesh)
     data = c.data
     source_seed = exp.stream("disposal-source-batches")

@@ -114,7 +114,7 @@ def fit_head(
         return tx, steps.DataParallel(step, exp.mesh, replicated=2, donate_argnums=(0, 1))
 
     tx, step = exp.compiled.get(("head", optim, total, exp.mesh), build_step)
-    head = jax.tree.map(jnp.array, head)
+    head = jax.tree.map(jnp.asarray, jax.device_get(head))  # a fresh copy on the default device
     head, opt_state = step.replicate((head, tx.init(head)))  # placed once; the step keeps them so
     rng = np.random.default_rng(seed)
     features, labels = np.asarray(features), np.asarray(labels, np.int32)

@@ -170,7 +170,7 @@ def padded_rows(size: int, devices: int) -> tuple[np.ndarray | None, np.ndarray 
 def place_disposal_batches(mesh: Mesh, num_chunks: int, source: dict, target: dict) -> tuple[dict, dict]:
     """Places a disposal step's global batches on ``mesh`` so that the step moves no data between devices.
 
-    The step (``dtl_jax.train.steps.disposal_step``) accepts its batches in any placement and lays them
+    The step (``dtl_jax.train.disposal_step.disposal_step``) accepts its batches in any placement and lays them
     out itself (``ChunkLayout.source_rows``, ``padded_rows``). A batch whose layout is the batch as it is
     goes split along the leading axis (``shard_batch``); one that is reordered or padded goes replicated,
     so that every device takes its rows locally (a reorder of a split batch would be communication).

@@ -25,8 +25,9 @@ whole on every device and, for a model without BatchNorm, split inside the step,
 parts and masks out of every reduction: still the global function, with no change to any loss; with
 BatchNorm every device computes that batch whole (``DataParallel`` says why). Over a long run the
 rounding differences grow as any perturbation of the trajectory does: the default run's first steps
-agree with one device to 1e-7, its final accuracies to a few points. (The disposal step is the exception
-to all this: it runs under ``shard_map`` for its GC layout.)
+agree with one device to float rounding, its final accuracies to a few points. (The disposal step,
+``dtl_jax.train.disposal_step``, is the exception to all this: it runs under ``shard_map`` for its GC
+layout.)
 """
 
 from __future__ import annotations
@@ -41,20 +42,20 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from dtl_jax import disposal_objective, losses
-from dtl_jax.disposal_objective import DisposalObjective, combine
+from dtl_jax import losses
 from dtl_jax.models import Network
-from dtl_jax.train.mesh import AXIS, chunk_layout, data_mesh, padded_rows, replicate_batch, shard_batch
+from dtl_jax.train.mesh import AXIS, data_mesh, replicate_batch, shard_batch
 
 Step = Callable
 
 
 def init_state(variables: dict, tx: optax.GradientTransformation, seed: int, mesh: Mesh | None = None) -> dict:
     """A fresh train state over a *copy* of ``variables`` (steps donate the state, the caller keeps its
-    arrays); with ``mesh``, placed whole on every device of it (``replicate``), where a step wants it."""
+    arrays), built on the default device from a host copy; with ``mesh``, placed whole on every device of it
+    (``replicate``), where a step wants it."""
     if mesh is not None:
         return replicate(mesh, init_state(variables, tx, seed))
-    variables = jax.tree.map(jnp.array, variables)
+    variables = jax.tree.map(jnp.asarray, jax.device_get(variables))
     return {
         "params": variables["params"],
         "batch_stats": variables["batch_stats"],
@@ -73,7 +74,7 @@ def variables_of(state: dict) -> dict:
 MAX_ABS_LOSS = 1e6  # a loss this large (e.g. gradient ascent running away) counts as divergence
 
 
-def _guarded_update(state, grads, loss, batch_stats, rng, tx, max_grad_norm):
+def guarded_update(state, grads, loss, batch_stats, rng, tx, max_grad_norm):
     """The update of ``tx`` applied only where the step is sound, else the divergence guard (module docstring).
 
     ``optax.apply_if_finite`` does part of this and is not used because it does less: it looks at the
@@ -244,7 +245,7 @@ def supervised_step(
             return loss, (stats, jnp.mean(jnp.argmax(logits, -1) == batch["label"]))
 
         (loss, (stats, acc)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-        new, metrics = _guarded_update(state, grads, loss, stats, state["rng"], tx, max_grad_norm)
+        new, metrics = guarded_update(state, grads, loss, stats, state["rng"], tx, max_grad_norm)
         return new, {**metrics, "accuracy": acc}
 
     return DataParallel(step, mesh, replicated=1, donate_argnums=0, split_uneven=_without_batch_norm)
@@ -266,117 +267,12 @@ def custom_step(
         rng, key = jax.random.split(state["rng"])
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         (loss, (stats, metrics)), grads = grad_fn(state["params"], state["batch_stats"], key, aux, *batches)
-        new, out = _guarded_update(state, grads, loss, stats, rng, tx, max_grad_norm)
+        new, out = guarded_update(state, grads, loss, stats, rng, tx, max_grad_norm)
         if project is not None:
             new["params"] = project(new["params"], aux)
         return new, {**out, **metrics}
 
     return DataParallel(step, mesh, replicated=2, donate_argnums=0, split_uneven=_without_batch_norm)
-
-
-def disposal_step(objective: DisposalObjective, tx, mesh: Mesh | None = None, max_grad_norm: float = math.inf):
-    """Knowledge disposal (docs/methods.md §1): ``step(state, teacher, weights, source_batch, target_batch)``,
-    one step of the objective ``Σ_t w_t L_t`` (``dtl_jax.disposal_objective``: by default
-    ``L_retain + λ · L_unlearn``) from the TL model, sharded over ``mesh``.
-
-    ``teacher`` (the frozen TL model's variables) and ``weights`` (``{"retain": 1, "unlearn": λ}``, scalars)
-    are arguments, not constants of the program: one compiled step serves every seed of a multi-seed run and
-    every λ of a sweep. Place them once, replicated on ``mesh`` (``replicate``), like the state.
-
-    This function is only the sharding. The step runs the objective under ``jax.shard_map`` over the
-    devices of ``mesh`` (default: the first device alone), viewed as a ``c x e`` grid
-    (``mesh.chunk_layout``): the source batch's ``K`` chunks over ``c``, each chunk's examples over ``e``;
-    the target batch split over all of them. It takes both batches in their natural order, in any placement
-    (``mesh.place_disposal_batches`` gives one that moves no data), draws RTF's wrong labels for the global
-    batch (``DisposalObjective.prepare_source``) and lays the batches out itself; on more than one device
-    every example carries its global-batch weight (``1/n``, padding 0: ``mesh.padded_rows`` and
-    ``ChunkLayout.source_rows`` pad uneven splits with repeated examples), so that every device count gives
-    the one-device result (up to float rounding; a BatchNorm model normalises over each device's part).
-    Each device differentiates its share of the objective with respect to device-varying parameters (a term
-    that varies over the devices is its share already; one computed across them, GC, counts ``1/N``); one
-    ``psum`` sums the gradients. Parameter-size all-reduces per step: two
-    where the device count divides ``K`` (``G`` or ``U`` inside ``gc_loss``, then the gradient sum);
-    otherwise ``ChunkLayout.all_reduces``. For the fooling losses: one, of the gradient.
-    """
-    mesh = mesh if mesh is not None else Mesh(np.array(jax.devices()[:1]), (AXIS,))
-    devices = int(mesh.devices.size)
-
-    def local(layout, params, batch_stats, teacher, weights, source, target):
-        axes = layout.axes
-        varying = jax.lax.pcast(params, axes, to="varying")  # local gradients: no implicit psum
-
-        def share(p):
-            """This device's share of the objective: a term that varies over the devices is its share of
-            the global term already (the batches carry their global weights); one that does not (GC,
-            computed across the devices) counts ``1/N`` on each."""
-            terms, stats = objective.terms(p, batch_stats, teacher, source, target, layout.axis_name)
-            shares = {name: value if _varies(value, axes) or devices == 1 else value / devices
-                      for name, value in terms.items()}  # fmt: skip
-            return combine(weights, shares), (terms, stats)
-
-        (_, (terms, stats)), grads = jax.value_and_grad(share, has_aux=True)(varying)
-        grads = jax.lax.psum(grads, axes)  # the one fused all-reduce of the gradients
-        terms = {name: jax.lax.psum(value, axes) if _varies(value, axes) else value for name, value in terms.items()}
-        stats = jax.lax.pmean(stats, axes)
-        return combine(weights, terms), grads, stats, terms
-
-    def lay_out(batch, rows, mask, size):
-        if rows is not None:
-            batch = jax.tree.map(lambda x: jnp.take(x, rows, axis=0), batch)
-        if devices == 1:
-            return batch
-        weight = np.full(size if rows is None else rows.size, 1.0 / size, np.float32)
-        return {**batch, "weight": jnp.asarray(weight if mask is None else np.where(mask, weight, 0.0))}
-
-    def step(state, teacher, weights, source_batch, target_batch):
-        rng, key = jax.random.split(state["rng"])
-        num_source = state["params"]["heads"]["source"]["bias"].shape[0]
-        source = objective.prepare_source(key, source_batch, num_source)
-        target = {"image": target_batch["image"], "label": target_batch["label"]}
-        n_source, n_target = source["label"].shape[0], target["label"].shape[0]
-        layout = chunk_layout(devices, objective.num_chunks, n_source)
-        source = lay_out(source, *layout.source_rows(), n_source)
-        target = lay_out(target, *padded_rows(n_target, devices), n_target)
-        sharded = jax.shard_map(
-            lambda *args: local(layout, *args),
-            mesh=layout.grid(mesh),
-            in_specs=(P(), P(), P(), P(), P(layout.axes), P(layout.axes)),
-            out_specs=(P(), P(), P(), P()),
-        )
-        loss, grads, stats, terms = sharded(state["params"], state["batch_stats"], teacher, weights, source, target)
-        new, metrics = _guarded_update(state, grads, loss, stats, rng, tx, max_grad_norm)
-        return new, {**metrics, **terms}
-
-    # State, teacher and weights in and everything out replicated on ``mesh``: a state placed so
-    # (``replicate``) comes back with the same sharding, so the step compiles once. The batches' placement
-    # depends on their layout (``place_disposal_batches``): left to the arguments.
-    replicated = NamedSharding(mesh, P())
-    in_shardings = (replicated, replicated, replicated, None, None)
-    return jax.jit(step, donate_argnums=0, in_shardings=in_shardings, out_shardings=replicated)
-
-
-def _varies(x: jax.Array, axes: tuple[str, ...]) -> bool:
-    """Whether ``x`` (inside ``shard_map``) may differ between the devices of ``axes`` (its varying axes)."""
-    aval = jax.typeof(x)
-    manual = getattr(aval, "manual_axis_type", None)
-    varying = manual.varying if manual is not None else getattr(aval, "vma", ())
-    return bool(set(axes) & set(varying))
-
-
-def disposal_weights(mesh: Mesh, weights: dict, dtype=jnp.float32) -> dict:
-    """The disposal step's ``weights`` argument: each weight a scalar of ``dtype``, replicated on ``mesh``."""
-    return replicate(mesh, {name: np.asarray(value, dtype) for name, value in weights.items()})
-
-
-def disposal_program(network: Network, method: str, config, tx, mesh: Mesh | None = None) -> tuple[Callable, dict]:
-    """``(step, weights)`` for ``method`` under a ``DisposalConfig``: ``disposal_step`` of its objective and
-    its term weights (λ) placed on ``mesh``; call ``step(state, teacher, weights, source, target)`` with the
-    state and teacher placed there too (``init_state(..., mesh)``, ``replicate``). For scripts and tests: the
-    DTL stage (``dtl_jax.stages.disposal``) builds the same, caching the step apart from the weights."""
-    mesh = mesh if mesh is not None else Mesh(np.array(jax.devices()[:1]), (AXIS,))
-    objective = DisposalObjective.from_config(network, method, config)
-    step = disposal_step(objective, tx, mesh, config.max_grad_norm)
-    return step, disposal_weights(mesh, disposal_objective.weights(method, config))
 
 
 def predict_fn(network: Network, head: str, mesh: Mesh | None = None) -> DataParallel:

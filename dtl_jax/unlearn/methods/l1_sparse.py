@@ -33,5 +33,5 @@ def l1_sparse(ctx: Context) -> dict:
     total = per_epoch * epochs
     tx = ctx.optimizer(total)
     step = steps.custom_step(loss_fn, tx)
-    alphas = epoch_alphas(ctx.u.l1_alpha, epochs, per_epoch)
+    alphas = (step.replicate(a) for a in epoch_alphas(ctx.u.l1_alpha, epochs, per_epoch))  # placed per step
     return ctx.train(step, ctx.original, tx, cycle(alphas, stream), total, "l1_sparse")

@@ -149,7 +149,7 @@ def sure(ctx: Context) -> dict:
     tx = ctx.optimizer(total, optim=optim)
     step = steps.custom_step(loss_fn, tx)
     inputs = cycle(
-        alpha_schedule(u, total),
+        (step.replicate(alpha) for alpha in alpha_schedule(u, total)),  # a value a step, placed with it
         ctx.batches(retain, optim.batch_size, seed=13),
         _domain_batches(ctx, *domain_split(u)),
     )
