@@ -195,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from dtl_jax import cpu_conv
+
+    cpu_conv.choose()  # XLA:CPU's convolution path, before anything starts JAX's backend (once per process)
     from dtl_jax import config as config_lib
     from dtl_jax.config import UserError
 

@@ -17,7 +17,7 @@ import os
 import time
 from pathlib import Path
 
-from dtl_jax import compilation_cache, stages
+from dtl_jax import compilation_cache, cpu_conv, stages
 from dtl_jax.config import Config, to_dict, validate
 from dtl_jax.summary import format_table as format_summary_table
 from dtl_jax.summary import summarize
@@ -88,6 +88,7 @@ def run(
     }
     results["config"] = to_dict(c)
     results["versions"] = versions()
+    results["cpu_conv"] = cpu_conv.record()
     results["seconds"] = time.perf_counter() - start
     write_json(workdir / "results.json", results)
     exp.writer.close()

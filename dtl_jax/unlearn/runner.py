@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from jax import monitoring
 
-from dtl_jax import checkpoint, compilation_cache, seeds
+from dtl_jax import checkpoint, compilation_cache, cpu_conv, seeds
 from dtl_jax.config import Config, to_dict, validate
 from dtl_jax.data.tasks import make_task
 from dtl_jax.evaluate import predict
@@ -159,6 +159,7 @@ def run(
         },
         "config": dataclasses.asdict(config),
         "versions": versions(),
+        "cpu_conv": cpu_conv.record(),
         "seconds": time.perf_counter() - start,
     }
     write_json(workdir / "results.json", results)
