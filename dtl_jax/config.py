@@ -55,6 +55,10 @@ class ModelConfig:
     name: str = "cnn"  # mlp | cnn | resnet18
     widths: tuple[int, ...] = (16, 32, 64)  # cnn: channels per stage; mlp: hidden sizes
     batch_norm: bool = False  # cnn only (resnet18 always has it)
+    # compute dtype of the backbone: float32 | bfloat16 (mixed precision: parameters, optimiser state,
+    # BatchNorm statistics, heads, losses and GC's inner products stay float32). On a CPU bfloat16 is
+    # usually slower: keep float32 there.
+    dtype: str = "float32"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -390,6 +394,7 @@ RULES: tuple[tuple[str, Range], ...] = (
 
 CHOICES: dict[str, tuple] = {
     "model.name": ("mlp", "cnn", "resnet18"),
+    "model.dtype": ("float32", "bfloat16"),
     "*.optimizer": ("sgd", "adam", "adamw"),
     "*.schedule": ("constant", "cosine"),
     "disposal.retain": ("tgt_kd", "src_kd", "ce"),
