@@ -46,6 +46,14 @@ def _experiment_args(parser, example: str, default_workdir: str, metavar: str = 
     )  # fmt: skip
     if overwrite:
         parser.add_argument("--overwrite", action="store_true", help="reuse a workdir made with another config")
+    parser.add_argument(
+        "--deterministic", action="store_true",
+        help="XLA's deterministic GPU ops (set before JAX starts; a no-op on a CPU, which is deterministic already)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--profile", default=None, metavar="DIR",
+        help="a jax.profiler trace of a few steps of each stage under DIR (TensorBoard profile plugin, Perfetto)",
+    )  # fmt: skip
 
 
 def _parser(methods: str = "see `dtl-jax unlearn --help`") -> argparse.ArgumentParser:
@@ -165,7 +173,13 @@ def parse_seeds(spec: str) -> list[int]:
 
 
 def _seed_overrides(args) -> list[str]:
-    return [f"seed={args.seed}"] if args.seed is not None else []
+    """``--seed``, ``--deterministic`` and ``--profile`` as config overrides."""
+    out = [f"seed={args.seed}"] if args.seed is not None else []
+    if getattr(args, "deterministic", False):
+        out.append("deterministic=true")
+    if getattr(args, "profile", None):
+        out.append(f"profile={os.path.abspath(args.profile)}")
+    return out
 
 
 def _unlearn_overrides(args) -> list[str]:
@@ -238,6 +252,10 @@ def main(argv: list[str] | None = None) -> int:
             config = config_lib.validate(config_lib.apply_overrides(config, overrides))
             from dtl_jax.train.mesh import initialize_distributed
 
+            if config.deterministic:  # XLA reads its flags when the backend starts: before anything runs
+                from dtl_jax import runtime
+
+                runtime.set_deterministic()
             initialize_distributed(args.coordinator, args.num_processes, args.process_id)
             from dtl_jax import dtl as module
 

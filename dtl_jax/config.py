@@ -179,6 +179,11 @@ class Config:
     # JAX's persistent compilation cache folder; "" = $DTL_JAX_COMPILATION_CACHE or ~/.cache/dtl_jax/jax,
     # "off" = no cache (dtl_jax/compilation_cache.py). Results do not depend on it.
     compilation_cache: str = ""
+    # XLA's deterministic GPU ops (dtl_jax/runtime.py; set before JAX starts: --deterministic). On a CPU a
+    # no-op: XLA:CPU is deterministic already. Results record whether it was in force.
+    deterministic: bool = False
+    # a folder for jax.profiler traces of a few steps of each stage (--profile DIR); "" = no profiling
+    profile: str = ""
     data: DataConfig = DataConfig(image_size=16)
     model: ModelConfig = ModelConfig()
     pretrain: OptimConfig = OptimConfig(epochs=20)
