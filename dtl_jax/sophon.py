@@ -23,9 +23,11 @@ and the suppression loss ``S`` of a batch ``Q`` is evaluated after the steps::
 With several simulated attackers (learning rates ``η_1..η_A``, the same batches) ``L`` is their mean. The
 quantity returned is to be *minimised*: a small ``S`` means the fine-tuned model is bad at the protected task.
 
-Gradient. Second order (default): ``jax.grad`` of ``L`` differentiates through the unrolled steps
-(reverse-over-reverse), ``∇L = Π_j (I − η H_j)ᵀ ∇S(θ_k)`` with ``H_j = ∇²ℓ(θ_{j-1}; B_j)`` (for one outer
-batch). First order (``first_order=True``, MAML-FO, what the reference runs): every inner update is a
+Gradient. Second order (default), exact: ``∇L = (I − η H_1) ⋯ (I − η H_k) ∇S(θ_k)`` with
+``H_j = ∇²ℓ(θ_{j-1}; B_j)`` (for one outer batch and SGD), formed either by a custom VJP that walks the steps
+back with one forward-over-reverse Hessian-vector product each (``second_order="hvp"``, default) or by
+``jax.grad`` through the unrolled steps (``"reverse"``, reverse-over-reverse, 2.7x slower for the small CNN at
+``k = 3``). First order (``first_order=True``, MAML-FO, what the reference runs): every inner update is a
 constant (``stop_gradient``), so ``∂θ_j/∂θ = I`` and ``∇L = ∇S(θ_k; Q)`` (trajectory mean:
 ``1/k Σ_j ∇S(θ_j; Q_j)``), the gradient at the fine-tuned weights applied to ``θ``. The value is the same
 in both modes; ``k = 0`` gives ``S(θ; Q)`` and its gradient.
@@ -85,9 +87,10 @@ loss and the head, below)
   runs out, the batch fetched after the reset is dropped (49 inner steps); NTLBench (``tmllab/NTLBench``,
   ``pretrain/trainer_SOPHON.py``) reproduces both losses with the same defaults (its config uses ``kl_loss``).
 
-Departures, all of them the caller's choices: the inner and outer batches are whatever the caller passes
-(the reference splits each batch 90/10); several attackers share the batches; the simulated attacker may use
-any optax optimiser (``optimizer``), SGD by default, as in the reference.
+Departures: the gradient is exact (second order) by default where the reference's is first order
+(``first_order=True`` reproduces it). The rest are the caller's choices: the inner and outer batches are
+whatever it passes (the reference splits each batch 90/10); several attackers share the batches; the simulated
+attacker may use any optax optimiser (``optimizer``), SGD by default, as in the reference.
 
 Sharded (``axis_name``): inside ``jax.shard_map`` each device holds its part of every batch; ``loss_fn``
 returns this device's *share* of the global mean loss (the shares sum to it), and each inner gradient is the
@@ -98,6 +101,7 @@ shares (gradients of device-varying parameters, summed).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -106,12 +110,15 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from dtl_jax.gc import _like, _vary, _zero_cotangent  # device-variance helpers (one version shim for both)
+
 PyTree = Any
 LossFn = Callable[[PyTree, PyTree], jax.Array]
 Optimizer = Callable[[float], optax.GradientTransformation]
 
 __all__ = [
     "SUPPRESSION_KINDS",
+    "SECOND_ORDER_MODES",
     "per_example_suppression",
     "suppression_loss",
     "simulated_finetune",
@@ -119,6 +126,7 @@ __all__ = [
 ]
 
 SUPPRESSION_KINDS = ("inverse_ce", "inverse_ce_logits", "kl_uniform")
+SECOND_ORDER_MODES = ("hvp", "reverse")
 
 
 def per_example_suppression(logits: jax.Array, labels: jax.Array, kind: str) -> jax.Array:
@@ -157,6 +165,10 @@ def suppression_loss(logits: jax.Array, labels: jax.Array, kind: str, mask: jax.
     return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
+def _names(axis_name) -> tuple[str, ...]:
+    return (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
+
+
 def _gradient(loss_fn: LossFn, params: PyTree, batch: PyTree, axis_name) -> PyTree:
     """``∇ℓ(θ; B)``; sharded, the sum over the devices of their share gradients.
 
@@ -165,39 +177,139 @@ def _gradient(loss_fn: LossFn, params: PyTree, batch: PyTree, axis_name) -> PyTr
     invariant ``θ`` would already be summed over devices), and it stays differentiable in ``θ``."""
     if axis_name is None:
         return jax.grad(loss_fn)(params, batch)
-    zero = jax.tree.map(lambda x: jax.lax.pcast(jnp.zeros(x.shape, x.dtype), axis_name, to="varying"), params)
+    names = _names(axis_name)
+    zero = jax.tree.map(lambda x: jax.lax.pcast(jnp.zeros(x.shape, x.dtype), names, to="varying"), params)
     share = jax.grad(lambda d: loss_fn(jax.tree.map(jnp.add, params, d), batch))(zero)
-    return jax.lax.psum(share, axis_name)
+    return _like(jax.lax.psum(share, names), params)
 
 
-def _trajectory(
-    loss_fn: LossFn,
-    params: PyTree,
-    batches: Sequence[PyTree],
-    lr: float,
-    first_order: bool,
-    optimizer: Optimizer | None,
-    axis_name,
-) -> list[PyTree]:
-    """``[θ_0, θ_1, ..., θ_k]`` for one simulated attacker (``k = len(batches)``)."""
-    thetas = [params]
-    tx = optimizer(lr) if optimizer is not None else None
-    state = tx.init(params) if tx is not None else None
+def _attacker(lr: float, optimizer: Optimizer | None):
+    """``(init, update)``: the simulated attacker's optimiser, ``s_0 = init(θ_0)``, ``(u_j, s_j) =
+    update(g_j, s_{j-1}, θ_{j-1})``, ``θ_j = θ_{j-1} + u_j``. Plain SGD (``optimizer=None``): no state,
+    ``u = −η g``; otherwise the optax transformation ``optimizer(lr)``."""
+    if optimizer is None:
+        return (lambda params: ()), (lambda grads, state, params: (jax.tree.map(lambda g: -lr * g, grads), state))
+    tx = optimizer(lr)
+    return tx.init, tx.update
+
+
+def _apply(params: PyTree, update: PyTree) -> PyTree:
+    return jax.tree.map(lambda p, u: p + u.astype(p.dtype), params, update)
+
+
+def _trajectory(loss_fn: LossFn, params: PyTree, batches, attacker, first_order: bool, axis_name) -> list[PyTree]:
+    """``[θ_0, θ_1, ..., θ_k]`` for one simulated attacker (``k = len(batches)``). First order: every update
+    (and the optimiser state it comes from) is a constant."""
+    init, update = attacker
+    thetas, state = [params], init(params)
     for batch in batches:
         theta = thetas[-1]
         grads = _gradient(loss_fn, theta, batch, axis_name)
-        if tx is None:
-            update = jax.tree.map(lambda g: -lr * g, grads)
-        else:
-            if first_order:  # the optimiser's state then holds constants only
-                grads, theta_in = jax.lax.stop_gradient((grads, theta))
-            else:
-                theta_in = theta
-            update, state = tx.update(grads, state, theta_in)
         if first_order:
-            update = jax.lax.stop_gradient(update)
-        thetas.append(jax.tree.map(lambda p, u: p + u.astype(p.dtype), theta, update))
+            grads, state, inputs = jax.lax.stop_gradient((grads, state, theta))
+        else:
+            inputs = theta
+        step, state = update(grads, state, inputs)
+        thetas.append(_apply(theta, jax.lax.stop_gradient(step) if first_order else step))
     return thetas
+
+
+def _outer_value(outer_fn: LossFn, thetas: list[PyTree], outer_batches: tuple, along: bool) -> jax.Array:
+    """``S(θ_k; Q)``, or along the trajectory ``1/k Σ_j S(θ_j; Q_j)``."""
+    if along:
+        return sum(outer_fn(t, b) for t, b in zip(thetas[1:], outer_batches, strict=True)) / len(outer_batches)
+    return outer_fn(thetas[-1], outer_batches[0])
+
+
+def _add(a: PyTree, b: PyTree) -> PyTree:
+    return jax.tree.map(jnp.add, a, b)
+
+
+def _scale(tree: PyTree, factor) -> PyTree:
+    return jax.tree.map(lambda x: (factor * x).astype(x.dtype), tree)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The exact gradient with Hessian-vector products (second_order="hvp")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
+def _through_steps(inner, outer, attacker, along, axis_name, params, inner_consts, outer_consts, inner_b, outer_b):
+    """``L`` for converted loss functions ``inner(θ, B, *inner_consts)``, ``outer(θ, Q, *outer_consts)``."""
+    thetas = _trajectory(lambda t, b: inner(t, b, *inner_consts), params, inner_b, attacker, False, axis_name)
+    return _outer_value(lambda t, b: outer(t, b, *outer_consts), thetas, outer_b, along)
+
+
+def _through_steps_fwd(inner, outer, attacker, along, axis_name, params, inner_consts, outer_consts, inner_b, outer_b):
+    """The steps, keeping ``θ_0..θ_k``, the optimiser states ``s_0..s_{k-1}`` and the gradients ``g_1..g_k``."""
+    init, update = attacker
+    grad_fn = jax.grad(inner)
+    theta, state = params, init(params)
+    thetas, states, grads = [params], [], []
+    for batch in inner_b:
+        g = grad_fn(theta, batch, *inner_consts)
+        if axis_name is not None:
+            g = _like(jax.lax.psum(g, _names(axis_name)), theta)
+        states.append(state)
+        grads.append(g)
+        step, state = update(g, state, theta)
+        theta = _apply(theta, step)
+        thetas.append(theta)
+    value = _outer_value(lambda t, b: outer(t, b, *outer_consts), thetas, outer_b, along)
+    return value, (thetas, states, grads, inner_consts, outer_consts, inner_b, outer_b)
+
+
+def _through_steps_bwd(inner, outer, attacker, along, axis_name, residuals, cotangent):
+    """Reverse accumulation through the steps. With ``θ̄_j`` the cotangent of ``θ_j`` (all devices' parts
+    summed): ``θ̄_k = ∇S(θ_k)`` (times the cotangent), and for ``j = k..1`` the vjp of the update gives
+    ``(ḡ_j, s̄_{j-1}, θ̄_update)``, then ``θ̄_{j-1} = θ̄_j + θ̄_update + H_j ḡ_j`` (plus the outer term at
+    ``θ_{j-1}`` along the trajectory), ``H_j ḡ_j`` one forward-over-reverse HVP (``jax.jvp`` of the gradient)
+    that also gives the closed-over constants' mixed term ``∂²ℓ/∂c∂θ · ḡ_j``. Sharded, each device's HVP
+    and outer gradient are its share and one ``psum`` a step sums them; the cotangent returned for ``θ`` is
+    ``θ̄_0 / N`` on each of ``N`` devices (its sum over them is the gradient), the constants' are shares."""
+    thetas, states, grads, inner_consts, outer_consts, inner_b, outer_b = residuals
+    init, update = attacker
+    k = len(inner_b)
+    devices = 1 if axis_name is None else jax.lax.axis_size(_names(axis_name))
+
+    def total(tree, reference):
+        return tree if axis_name is None else _like(jax.lax.psum(tree, _names(axis_name)), reference)
+
+    inner_grad = jax.grad(lambda t, b, c: inner(t, b, *c), argnums=(0, 2))
+    outer_grad = jax.grad(lambda t, b, c: outer(t, b, *c), argnums=(0, 2))
+    weight = cotangent / k if along else cotangent
+
+    def outer_term(j):
+        g_theta, g_consts = outer_grad(thetas[j], outer_b[j - 1] if along else outer_b[0], outer_consts)
+        return _scale(g_theta, weight), _scale(g_consts, weight)
+
+    theta_bar, outer_bar = outer_term(k)
+    theta_bar = total(theta_bar, thetas[k])
+    inner_bar = jax.tree.map(_zero_cotangent, inner_consts)
+    state_bar = jax.tree.map(_zero_cotangent, states[-1])
+    for j in reversed(range(k)):  # step j+1: θ_{j+1} = θ_j + u(g_{j+1}, s_j, θ_j)
+        _, step_vjp = jax.vjp(update, grads[j], states[j], thetas[j])
+        grad_bar, state_bar, update_bar = step_vjp((theta_bar, state_bar))
+        batch = inner_b[j]
+        hvp_theta, hvp_consts = jax.jvp(lambda t, b=batch: inner_grad(t, b, inner_consts), (thetas[j],), (grad_bar,))[1]
+        inner_bar = _add(inner_bar, hvp_consts)
+        local = hvp_theta
+        if along and j >= 1:
+            o_theta, o_consts = outer_term(j)
+            local, outer_bar = _add(local, o_theta), _add(outer_bar, o_consts)
+        theta_bar = _add(_add(theta_bar, update_bar), total(local, thetas[j]))
+    theta_bar = _add(theta_bar, jax.vjp(init, thetas[0])[1](state_bar)[0])
+    zeros = jax.tree.map(_zero_cotangent, (inner_b, outer_b))
+    return (_scale(theta_bar, 1.0 / devices), inner_bar, outer_bar, *zeros)
+
+
+_through_steps.defvjp(_through_steps_fwd, _through_steps_bwd)
+
+
+def _same_shapes(batches: tuple, what: str) -> None:
+    types = {tuple(jax.tree.leaves(jax.tree.map(lambda x: (x.shape, x.dtype), b))) for b in batches}
+    if len(types) > 1 or len({jax.tree.structure(b) for b in batches}) > 1:
+        raise ValueError(f"second_order='hvp' needs {what} of one shape: use second_order='reverse'")
 
 
 def _check_batches(batches) -> tuple:
@@ -233,7 +345,7 @@ def simulated_finetune(
         sharded.
     """
     batches = _check_batches(batches)
-    return _trajectory(loss_fn, params, batches, lr, first_order, optimizer, axis_name)[-1]
+    return _trajectory(loss_fn, params, batches, _attacker(lr, optimizer), first_order, axis_name)[-1]
 
 
 def sophon_loss(
@@ -245,6 +357,7 @@ def sophon_loss(
     lr: float | Sequence[float],
     first_order: bool = False,
     *,
+    second_order: str = "hvp",
     optimizer: Optimizer | None = None,
     axis_name=None,
 ) -> jax.Array:
@@ -254,15 +367,15 @@ def sophon_loss(
     Args:
       inner_loss_fn: ``(params, batch) -> scalar``, the simulated attacker's loss (``simulated_finetune``).
       outer_loss_fn: ``(params, batch) -> scalar``, the suppression loss at the fine-tuned weights, e.g.
-        ``suppression_loss(logits, batch["label"], "inverse_ce")`` of a forward pass.
+        ``suppression_loss(logits, batch["label"], "inverse_ce")`` of a forward pass. Both may close over
+        other arrays (a backbone, BatchNorm statistics, a teacher); gradients reach them through the closure.
       params: ``θ``, what the attacker fine-tunes and what ``jax.grad`` of the result is taken with respect to.
         Which parameters enter the simulated fine-tuning is the caller's: to fine-tune the backbone with a
         *fresh* head (the reference's ``inverse_loss.py``; dtl_jax's piggyback attacker), differentiate
         ``lambda backbone: sophon_loss(inner, outer, {"backbone": backbone, "head": fresh_head}, ...)``: the
         fresh head is fine-tuned with the backbone but, a constant of the objective, gets no outer gradient.
         With the model's own head (``kl_uniform_loss.py``), pass it in ``params``. To fine-tune the head only,
-        pass the head as ``params`` and close the loss functions over the backbone (then differentiated
-        through the closure).
+        pass the head as ``params`` and close the loss functions over the backbone.
       inner_batches: a list or tuple of ``k ≥ 0`` batches, one per simulated step.
       outer_batch: one batch: ``L = S(θ_k)``; or a list or tuple of ``k ≥ 1`` batches: the trajectory mean
         ``1/k Σ_j S(θ_j; outer_batch[j-1])`` (the reference evaluates each step on the held-out part of its
@@ -271,26 +384,64 @@ def sophon_loss(
         batches, ``L`` their mean.
       first_order: ``False`` (default): the exact gradient through the simulated steps (second order).
         ``True``: MAML's first-order approximation, the reference's choice.
-      optimizer, axis_name: as in ``simulated_finetune``. Sharded, the result is this device's share of ``L``.
+      second_order: how the exact gradient is formed (the value is the same). ``"hvp"`` (default): a
+        ``jax.custom_vjp`` whose backward pass walks the steps back with one forward-over-reverse
+        Hessian-vector product each (``jax.jvp`` of the gradient), keeping ``θ_0..θ_k``, the inner gradients
+        and optimiser states (``k`` parameter-sized copies of each) instead of every step's activations;
+        2.7x faster than ``"reverse"`` for the small CNN at ``k = 3`` (``benchmarks/sophon_step.py``). Needs
+        the inner batches (and the outer ones) to share one shape; cannot be ``jax.jvp``'d. ``"reverse"``:
+        ``jax.grad`` through the unrolled steps (reverse-over-reverse); any transformation composes.
+        Ignored with ``first_order``.
+      optimizer, axis_name: as in ``simulated_finetune``. Sharded, the result is this device's share of ``L``;
+        its gradient with respect to device-varying parameters is this device's share of ``∇L`` (with
+        invariant ones JAX sums the shares itself), as for ``dtl_jax.gc.gc_loss``.
 
     Returns a scalar: ``L(θ)``, the mean over the attackers.
     """
+    if second_order not in SECOND_ORDER_MODES:
+        raise ValueError(f"second_order={second_order!r}: expected one of {', '.join(SECOND_ORDER_MODES)}")
     inner_batches = _check_batches(inner_batches)
     lrs = tuple(lr) if isinstance(lr, (list, tuple)) else (lr,)
     if not lrs:
         raise ValueError("sophon_loss needs at least one simulated attacker (learning rate)")
-    along_trajectory = isinstance(outer_batch, (list, tuple))
-    if along_trajectory and (len(outer_batch) != len(inner_batches) or not inner_batches):
+    along = isinstance(outer_batch, (list, tuple))
+    if along and (len(outer_batch) != len(inner_batches) or not inner_batches):
         raise ValueError(
             f"outer batches along the trajectory: got {len(outer_batch)} for {len(inner_batches)} inner steps, "
             "expected one per step (at least one), or pass a single outer batch"
         )
+    outer_batches = tuple(outer_batch) if along else (outer_batch,)
+    if not inner_batches:
+        return outer_loss_fn(params, outer_batch)
     values = []
+    if first_order or second_order == "reverse":
+        for rate in lrs:
+            attacker = _attacker(rate, optimizer)
+            thetas = _trajectory(inner_loss_fn, params, inner_batches, attacker, first_order, axis_name)
+            values.append(_outer_value(outer_loss_fn, thetas, outer_batches, along))
+        return sum(values) / len(values)
+    _same_shapes(inner_batches, "the inner batches")
+    _same_shapes(outer_batches, "the outer batches")
+    if axis_name is not None:  # device-varying inputs: their cotangents are this device's shares
+        params = _vary(params, _names(axis_name))
+    inner, inner_consts = jax.closure_convert(inner_loss_fn, params, inner_batches[0])
+    outer, outer_consts = jax.closure_convert(outer_loss_fn, params, outer_batches[0])
+    if axis_name is not None:
+        inner_consts, outer_consts = _vary((inner_consts, outer_consts), _names(axis_name))
     for rate in lrs:
-        thetas = _trajectory(inner_loss_fn, params, inner_batches, rate, first_order, optimizer, axis_name)
-        if along_trajectory:
-            terms = [outer_loss_fn(theta, batch) for theta, batch in zip(thetas[1:], outer_batch)]
-            values.append(sum(terms) / len(terms))
-        else:
-            values.append(outer_loss_fn(thetas[-1], outer_batch))
+        attacker = _attacker(rate, optimizer)
+        values.append(
+            _through_steps(
+                inner,
+                outer,
+                attacker,
+                along,
+                axis_name,
+                params,
+                tuple(inner_consts),
+                tuple(outer_consts),
+                inner_batches,
+                outer_batches,
+            )
+        )
     return sum(values) / len(values)

@@ -291,6 +291,68 @@ def test_optax_attacker(x64):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14), first(params), expected)
 
 
+def _max_rel(a, b):
+    return max(
+        float(jnp.max(jnp.abs(x - y)) / (jnp.max(jnp.abs(y)) + 1e-300))
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    )
+
+
+@pytest.mark.parametrize(
+    ("model", "along", "optimizer", "lrs"),
+    [
+        ("mlp", False, None, 0.5),
+        ("mlp", True, "adam", (0.05, 0.2)),
+        ("cnn_bn", False, "momentum", 0.3),
+        ("cnn_bn", True, None, (0.2, 0.5)),
+    ],
+)
+def test_hvp_gradient_equals_reverse_over_reverse(x64, model, along, optimizer, lrs):
+    """The custom-VJP (HVP) second order and ``jax.grad`` through the unrolled steps: the same gradient."""
+    _, params, batches, inner, outer, _ = _problem(model, steps=6)
+    opt = {"adam": optax.adam, "momentum": partial(optax.sgd, momentum=0.9), None: None}[optimizer]
+    outer_batch = batches[3:6] if along else batches[3]
+
+    def f(p, mode):
+        return sophon_loss(inner, outer, p, batches[:3], outer_batch, lrs, second_order=mode, optimizer=opt)
+
+    (v_hvp, g_hvp), (v_rev, g_rev) = (
+        jax.jit(jax.value_and_grad(f), static_argnums=1)(params, m) for m in ("hvp", "reverse")
+    )
+    assert float(v_hvp) == pytest.approx(float(v_rev), rel=1e-12)
+    assert _max_rel(g_hvp, g_rev) < 1e-10
+
+
+def test_head_only_attacker_differentiates_the_closed_over_backbone(x64):
+    """The attacker fine-tunes the head only; the losses close over the backbone (and the outer one over a
+    temperature). The gradient with respect to (backbone, temperature) through the head's steps: HVP mode
+    (cotangents of the closed-over constants via the mixed second derivative) against reverse mode and
+    finite differences."""
+    _, params, batches, _, _, logits = _problem("cnn_bn", steps=3)
+
+    def f(outer_params, mode):
+        backbone, temperature = outer_params["backbone"], outer_params["temperature"]
+        full = lambda head: {"backbone": backbone, "heads": {"source": head}}  # noqa: E731
+        inner = lambda h, b: losses.cross_entropy(logits(full(h), b), b["label"])  # noqa: E731
+        outer = lambda h, b: suppression_loss(logits(full(h), b) / temperature, b["label"], "kl_uniform")  # noqa: E731
+        head = params["heads"]["source"]
+        return sophon_loss(inner, outer, head, batches[:3], batches[3], (0.5, 1.0), second_order=mode)
+
+    point = {"backbone": params["backbone"], "temperature": jnp.asarray(1.5)}
+    grad, _ = _check_against_finite_differences(lambda q: f(q, "hvp"), point)
+    assert _max_rel(grad, jax.grad(f)(point, "reverse")) < 1e-10
+    assert float(jnp.abs(grad["temperature"])) > 0
+
+
+def test_hvp_mode_needs_batches_of_one_shape(x64):
+    _, params, batches, inner, outer, _ = _problem("mlp", steps=2)
+    short = jax.tree.map(lambda x: x[:5], batches[1])
+    with pytest.raises(ValueError, match="of one shape"):
+        sophon_loss(inner, outer, params, [batches[0], short], batches[2], 0.1)
+    value = sophon_loss(inner, outer, params, [batches[0], short], batches[2], 0.1, second_order="reverse")
+    assert np.isfinite(float(value))
+
+
 def test_bad_arguments_are_errors():
     f = lambda p, b: jnp.sum(p)  # noqa: E731
     params = jnp.ones(2)
@@ -302,6 +364,8 @@ def test_bad_arguments_are_errors():
         sophon_loss(f, f, params, [None, None], [None], 0.1)
     with pytest.raises(ValueError, match="one per step"):
         sophon_loss(f, f, params, [], [], 0.1)
+    with pytest.raises(ValueError, match="second_order='rev'"):
+        sophon_loss(f, f, params, [None], None, 0.1, second_order="rev")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -310,43 +374,59 @@ def test_bad_arguments_are_errors():
 
 def sharded_against_unsharded(devices: int) -> dict:
     """``sophon_loss`` under ``jax.shard_map`` over ``devices`` devices (batches split by examples, loss
-    functions returning this device's share, parameters device-varying as in the disposal step, gradient
-    shares summed) against the unsharded computation, both orders; returns the worst relative errors."""
+    functions returning this device's share) against the unsharded computation, for first order and both
+    second-order modes; the parameters device-varying with the gradient shares summed (as in the disposal
+    step) or invariant (JAX sums them); the head-only attacker with the losses closed over the backbone.
+    Returns the worst relative errors of the value and the gradient for each case."""
     _, params, batches, _, _, logits = _problem("mlp", batch=8, steps=3)
     mesh = Mesh(np.array(jax.devices()[:devices]), ("d",))
+    lrs = (0.3, 0.6)
 
-    def inner(p, b, share=1.0):
-        return losses.cross_entropy(logits(p, b), b["label"]) * share
+    def losses_for(share, backbone=None):
+        def full(p):
+            return p if backbone is None else {"backbone": backbone, "heads": {"source": p}}
 
-    def outer(p, b, share=1.0):
-        return suppression_loss(logits(p, b), b["label"], "inverse_ce") * share
+        def inner(p, b):
+            return losses.cross_entropy(logits(full(p), b), b["label"]) * share
 
-    inner_share, outer_share = partial(inner, share=1 / devices), partial(outer, share=1 / devices)
+        def outer(p, b):
+            return suppression_loss(logits(full(p), b), b["label"], "inverse_ce") * share
+
+        return inner, outer
+
+    def objective(p, bs, share, case, axis_name=None):
+        first_order, mode = case in ("first_order",), "reverse" if case == "reverse" else "hvp"
+        if case == "head_only":
+            inner, outer = losses_for(share, p["backbone"])
+            head = p["heads"]["source"]
+            return sophon_loss(inner, outer, head, bs[:3], bs[3], lrs, axis_name=axis_name)
+        inner, outer = losses_for(share)
+        return sophon_loss(inner, outer, p, bs[:3], bs[3], lrs, first_order, second_order=mode, axis_name=axis_name)
+
     rel = lambda a, b: float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-300))  # noqa: E731
-    # the fine-tuned weights from device-invariant parameters too (their gradient would be summed already)
+    # the fine-tuned weights from device-invariant parameters (their gradient would be summed already)
+    inner_share, inner = losses_for(1 / devices)[0], losses_for(1.0)[0]
     fine_tune = lambda p, bs: simulated_finetune(inner_share, p, bs[:3], 0.3, axis_name="d")  # noqa: E731
     got = jax.jit(jax.shard_map(fine_tune, mesh=mesh, in_specs=(P(), P("d")), out_specs=P()))(params, batches)
     want = simulated_finetune(inner, params, batches[:3], 0.3)
     errors = {"theta_k": {"value": max(rel(a, b) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)))}}
     errors["theta_k"]["grad"] = 0.0
-    for first_order in (False, True):
+    for case in ("first_order", "hvp", "reverse", "head_only", "hvp_invariant"):
 
-        def whole(p, fo=first_order):
-            return sophon_loss(inner, outer, p, batches[:3], batches[3], (0.3, 0.6), fo)
-
-        def local(p, bs, fo=first_order):
-            varying = jax.lax.pcast(p, "d", to="varying")
-            value, grads = jax.value_and_grad(
-                lambda q: sophon_loss(inner_share, outer_share, q, bs[:3], bs[3], (0.3, 0.6), fo, axis_name="d")
-            )(varying)
+        def local(p, bs, case=case):
+            f = lambda q: objective(q, bs, 1 / devices, case, axis_name="d")  # noqa: E731
+            if case == "hvp_invariant":  # JAX sums the gradient shares of invariant parameters itself
+                value, grads = jax.value_and_grad(f)(p)
+                return jax.lax.psum(value, "d"), grads
+            value, grads = jax.value_and_grad(f)(jax.lax.pcast(p, "d", to="varying"))
             return jax.lax.psum(value, "d"), jax.lax.psum(grads, "d")
 
         sharded = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), P("d")), out_specs=(P(), P())))
         value, grads = sharded(params, batches)
-        want_value, want_grads = jax.jit(jax.value_and_grad(whole))(params)
-        errors[f"first_order={first_order}"] = {
+        want_value, want_grads = jax.jit(jax.value_and_grad(lambda p, c=case: objective(p, batches, 1.0, c)))(params)
+        errors[case] = {
             "value": rel(value, want_value),
-            "grad": max(rel(a, b) for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads))),
+            "grad": max(rel(a, b) for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True)),
         }
     return errors
 
