@@ -35,9 +35,9 @@ value is the same in both modes; ``k = 0`` gives ``S(θ; Q)`` and its gradient.
 Suppression losses ``S`` (``suppression_loss``; logits ``z [B, C]``, labels ``y [B]``, ``p = softmax(z)``,
 mean over the batch):
 
-- ``inverse_ce``: ``−log(1 − p_y)``, the inverse cross-entropy "CE(1 − softmax)" as the issue and the paper
-  name it (``y · log(1 − p)`` summed over classes). Computed as ``logsumexp(z) − logsumexp_{c≠y}(z_c)``, finite
-  for any logits. Minimising it drives ``p_y`` to 0.
+- ``inverse_ce``: ``−log(1 − p_y)``, the inverse cross-entropy "CE(1 − softmax)" as the issue names it
+  (``−Σ_c y_c log(1 − p_c)``; the paper's own text could not be read here). Computed as
+  ``logsumexp(z) − logsumexp_{c≠y}(z_c)``, finite for any logits. Minimising it drives ``p_y`` to 0.
 - ``inverse_ce_logits``: ``CE(1 − z, y) = −log softmax(−z)_y``, what the reference code literally computes
   (``inverse_loss.py`` line 75, ``loss(1-predictions, evaluation_labels)`` with ``nn.CrossEntropyLoss`` and
   ``predictions`` the network's raw logits; softmax is shift-invariant, so the ``1`` drops out). Minimising it
@@ -73,7 +73,7 @@ loss and the head, below)
   inverse command; its KL command uses alpha = 1, beta = 1, ``--nl 5``). The suppression gradient is clipped to
   global norm 0.5 (line 245); the natural one is not. Alternation (lines 207-286): each of ``total_loop`` =
   1000 loops does ``ml_loop`` = 1 suppression step, then ``nl_loop`` = 1 natural step on one original-domain
-  batch, each followed by the original test accuracy.
+  batch, each natural step followed by the original test accuracy (the whole test set).
 - Roll-back (line 285): a copy of the model is taken at the start of each loop; when the original test
   accuracy after the natural steps is ``<= 80`` % the copy is restored *and training stops*: an early stop
   that returns the last loop's weights.
