@@ -63,7 +63,7 @@ class Network:
         return apply_head(variables["params"]["heads"][head], features), features, batch_stats
 
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}  # None: no casts (float32, or float64 under x64)
 
 
 def build(config: ModelConfig) -> Network:

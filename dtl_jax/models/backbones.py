@@ -51,19 +51,29 @@ def _max_pool_2x2_jvp(primals, tangents):
     return out, result
 
 
+def _compute(x: jax.Array, dtype) -> jax.Array:
+    """The input in the compute dtype (unchanged when there is none: float32, or float64 in tests)."""
+    return x if dtype is None else x.astype(dtype)
+
+
+def _features(x: jax.Array, dtype) -> jax.Array:
+    """Features leave a reduced-precision backbone in float32 (heads, losses and GC in float32)."""
+    return x if dtype is None else x.astype(jnp.float32)
+
+
 class MLP(nn.Module):
     """Flatten, then ``Dense -> ReLU`` for each width."""
 
     widths: Sequence[int] = (128, 128)
-    dtype: jnp.dtype = jnp.float32
+    dtype: jnp.dtype | None = None  # compute dtype; None: the inputs' and parameters' own
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         del train
-        x = x.reshape(x.shape[0], -1).astype(self.dtype)
+        x = _compute(x.reshape(x.shape[0], -1), self.dtype)
         for width in self.widths:
             x = nn.relu(nn.Dense(width, dtype=self.dtype)(x))
-        return x.astype(jnp.float32)
+        return _features(x, self.dtype)
 
 
 class CNN(nn.Module):
@@ -72,11 +82,11 @@ class CNN(nn.Module):
 
     widths: Sequence[int] = (16, 32, 64)
     batch_norm: bool = False
-    dtype: jnp.dtype = jnp.float32
+    dtype: jnp.dtype | None = None  # compute dtype; None: the inputs' and parameters' own
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        x = x.astype(self.dtype)
+        x = _compute(x, self.dtype)
         for width in self.widths:
             for _ in range(2):
                 x = nn.Conv(width, (3, 3), use_bias=not self.batch_norm, dtype=self.dtype)(x)
@@ -84,13 +94,13 @@ class CNN(nn.Module):
                     x = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype)(x)
                 x = nn.relu(x)
             x = max_pool_2x2(x)
-        return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+        return jnp.mean(_features(x, self.dtype), axis=(1, 2))
 
 
 class BasicBlock(nn.Module):
     width: int
     stride: int = 1
-    dtype: jnp.dtype = jnp.float32
+    dtype: jnp.dtype | None = None  # compute dtype; None: the inputs' and parameters' own
 
     @nn.compact
     def __call__(self, x, train: bool):
@@ -110,13 +120,13 @@ class ResNet18(nn.Module):
     """CIFAR-style ResNet-18: a 3x3 stem (no max-pool), four stages of two basic blocks."""
 
     widths: Sequence[int] = (64, 128, 256, 512)
-    dtype: jnp.dtype = jnp.float32
+    dtype: jnp.dtype | None = None  # compute dtype; None: the inputs' and parameters' own
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        x = nn.Conv(self.widths[0], (3, 3), use_bias=False, dtype=self.dtype)(x.astype(self.dtype))
+        x = nn.Conv(self.widths[0], (3, 3), use_bias=False, dtype=self.dtype)(_compute(x, self.dtype))
         x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype)(x))
         for stage, width in enumerate(self.widths):
             for block in range(2):
                 x = BasicBlock(width, 2 if stage > 0 and block == 0 else 1, self.dtype)(x, train)
-        return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+        return jnp.mean(_features(x, self.dtype), axis=(1, 2))
