@@ -21,7 +21,7 @@ from dtl_jax import compilation_cache, stages
 from dtl_jax.config import Config, to_dict, validate
 from dtl_jax.summary import format_table as format_summary_table
 from dtl_jax.summary import summarize
-from dtl_jax.workdir import claim, prepare, seed_dir, versions, write_json
+from dtl_jax.workdir import claim, prepare, provenance, seed_dir, versions, write_json
 
 REFERENCE = "tl"  # paired differences in summary.json are taken against the TL model
 
@@ -88,6 +88,7 @@ def run(
     }
     results["config"] = to_dict(c)
     results["versions"] = versions()
+    results["provenance"] = provenance(tl)  # command, commit, devices, CPU, dtype: the report's header
     results["seconds"] = time.perf_counter() - start
     write_json(workdir / "results.json", results)
     exp.writer.close()

@@ -30,7 +30,7 @@ from dtl_jax.train.optim import make_optimizer
 from dtl_jax.unlearn.metrics import gap_to_oracle, unlearning_metrics
 from dtl_jax.unlearn.registry import HEAD, Context, load_methods, method_names
 from dtl_jax.unlearn.scenario import make_scenario
-from dtl_jax.workdir import claim, fingerprint, prepare, seed_dir, versions, write_json
+from dtl_jax.workdir import claim, fingerprint, prepare, provenance, seed_dir, versions, write_json
 
 REFERENCES = ("retrain", "ft")  # paired differences in summary.json are taken against these
 
@@ -159,6 +159,7 @@ def run(
         },
         "config": dataclasses.asdict(config),
         "versions": versions(),
+        "provenance": provenance(original),  # command, commit, devices, CPU, dtype: the report's header
         "seconds": time.perf_counter() - start,
     }
     write_json(workdir / "results.json", results)
