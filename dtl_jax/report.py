@@ -29,6 +29,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 from dtl_jax.errors import UserError  # noqa: E402
@@ -93,11 +94,26 @@ def _grid(n: int, ncols: int = 3, height: float = 2.8):
     return fig, flat[:n]
 
 
-def _end_label(ax, xs, ys, text, colour):
-    """A direct label at the right end of a line."""
-    if len(xs):
-        ax.annotate(text, (xs[-1], ys[-1]), xytext=(3, 0), textcoords="offset points", va="center", fontsize=8,
+def _end_labels(ax, ends: list[tuple[float, float, str, str]]) -> None:
+    """Direct labels ``(x, y, text, colour)`` at the right ends of lines, moved apart vertically (at least
+    4.5 % of the axis' height) so that none covers another."""
+    ends = [e for e in ends if e[1] == e[1]]  # not NaN
+    if not ends:
+        return
+    low, high = ax.get_ylim()
+    heights = _spread([y for _, y, _, _ in ends], (high - low) * 0.045)
+    for (x, _, text, colour), height in zip(ends, heights):
+        ax.annotate(text, (x, height), xytext=(4, 0), textcoords="offset points", va="center", fontsize=8,
                     color=colour, annotation_clip=False)  # fmt: skip
+
+
+def _log_ticks(ax, values) -> None:
+    """A log x axis with a tick at each value and no minor tick labels."""
+    ax.set_xscale("log")
+    ax.set_xticks(values, [str(v) for v in values])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    low, high = min(values), max(values)
+    ax.set_xlim(low / 1.15, high * 1.6)  # room for the labels
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -127,6 +143,7 @@ def pl_curves(results: dict, path: Path) -> Path:
     for ax in axes:
         ax.sharey(axes[0])
     for i, (ax, method) in enumerate(zip(axes, methods)):
+        ends = []
         for name in [r for r in ("random_init", "tl") if r in models and r != method] + [method]:
             epochs, curves = _draws(models[name])
             mean = curves.mean(axis=0)
@@ -136,7 +153,8 @@ def pl_curves(results: dict, path: Path) -> Path:
                 ax.fill_between(epochs, curves.min(axis=0), curves.max(axis=0), color=palette[name], alpha=0.15,
                                 linewidth=0)  # fmt: skip
             if name != method:
-                _end_label(ax, epochs, mean, label(name), palette[name])
+                ends.append((epochs[-1], mean[-1], label(name), palette[name]))
+        _end_labels(ax, ends)
         ax.set_title(label(method), color=palette[method], fontweight="bold")
         ax.set(xlabel="attacker's epoch", ylabel="PL accuracy (source test)" if i % 3 == 0 else "")
         low, high = ax.get_xlim()
@@ -155,6 +173,7 @@ def pl_by_budget(results: dict, path: Path) -> Path | None:
         return None
     palette = colours(models)
     fig, ax = plt.subplots(figsize=(6.5, 4.0))
+    ends = []
     for name, row in models.items():
         entries = [row["pl"].get(str(s)) for s in budgets]
         xs = [s for s, e in zip(budgets, entries) if e]
@@ -162,9 +181,9 @@ def pl_by_budget(results: dict, path: Path) -> Path | None:
         means = [float(np.mean(a)) for a in accs]
         ax.plot(xs, means, style(name), color=palette[name], marker="o", markersize=3)
         ax.fill_between(xs, [min(a) for a in accs], [max(a) for a in accs], color=palette[name], alpha=0.12, lw=0)
-        _end_label(ax, xs, means, label(name), palette[name])
-    ax.set_xscale("log")
-    ax.set_xticks(budgets, [str(b) for b in budgets])
+        ends.append((xs[-1], means[-1], label(name), palette[name]))
+    _log_ticks(ax, budgets)
+    _end_labels(ax, ends)
     ax.set(xlabel="labelled source examples a class (attacker's budget)", ylabel="PL accuracy (source test)")
     return _save(fig, path)
 
@@ -485,7 +504,7 @@ def header(results: dict, workdir: Path, command: str, seeds: str) -> str:
     sections = (*SECTIONS[command], "checkpoint_every", "compilation_cache", "workdir")
     entries = [("command", f"<code>{html.escape(prov.get('command') or '(not recorded)')}</code>"), ("seed", seeds),
                ("non-default config", _config_entry(config, sections))]  # fmt: skip
-    version = ", ".join(f"{k} {v}" for k, v in versions.items())
+    version = ", ".join(f"{k} {v}" for k, v in versions.items()) or "not recorded"
     entries.append(("version", html.escape(f"{version}; commit {prov.get('commit') or 'unknown'}")))
     if prov:
         where = f"{prov['devices']}, {prov['processes']} process(es), CPU {prov['cpu']}; dtype {prov['dtype']}"
@@ -591,7 +610,8 @@ def write_report(workdir: str | Path) -> Path:
 
 
 def _summary_table(summary: dict, columns: list[str]) -> str:
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in ["", *columns])
+    names = {**DTL_COLUMNS, **UNLEARN_COLUMNS}
+    head = "".join(f"<th>{html.escape(names.get(c, c))}</th>" for c in ["", *columns])
     body = []
     for name, row in summary["rows"].items():
         cells = "".join(f"<td>{html.escape(mean_ci(row[c])) if c in row else '-'}</td>" for c in columns)
@@ -632,15 +652,16 @@ def pl_by_shots(summary: dict, path: Path) -> Path | None:
         return None
     palette = colours(summary["rows"])
     fig, ax = plt.subplots(figsize=(6.5, 4.0))
+    ends = []
     for name, row in summary["rows"].items():
         entries = [row.get(f"pl_acc@{s}") for s in shots]
         means = [e["mean"] if e else float("nan") for e in entries]
         cis = [0.0 if not e or e["ci95"] != e["ci95"] else e["ci95"] for e in entries]
         ax.errorbar(shots, means, yerr=cis, fmt="o", linestyle=style(name), color=palette[name], capsize=3,
                     markersize=3)  # fmt: skip
-        _end_label(ax, shots, means, label(name), palette[name])
-    ax.set_xscale("log")
-    ax.set_xticks(shots, [str(s) for s in shots])
+        ends.append((shots[-1], means[-1], label(name), palette[name]))
+    _log_ticks(ax, shots)
+    _end_labels(ax, ends)
     ax.set(xlabel="labelled source examples a class (attacker's budget)", ylabel="PL accuracy")
     return _save(fig, path)
 

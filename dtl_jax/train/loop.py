@@ -70,7 +70,7 @@ def run_steps(
             bookkeeping.load(extra["book"], tree["book"])
             for _ in range(start):
                 next(batches)
-    if writer is not None:  # a resumed (or re-run) stage drops what it logged after ``start``
+    if hasattr(writer, "begin"):  # a resumed (or re-run) stage drops what it logged after ``start``
         writer.begin(desc, start)
     bar = tqdm(  # disable=None: bars on a terminal only (a log file or a pipe gets no bar lines)
         total=num_steps, initial=start, desc=desc, disable=True if quiet else None, file=sys.stderr, leave=True,
