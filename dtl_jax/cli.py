@@ -267,10 +267,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    _one_line_warnings()
     from dtl_jax import config as config_lib
-    from dtl_jax import workdir as workdir_lib
     from dtl_jax.config import UserError
+
+    _one_line_warnings()
+    from dtl_jax import workdir as workdir_lib
 
     workdir_lib.set_command(argv)
     workdir, fresh = None, False  # the run's workdir, and whether this run created it

@@ -53,6 +53,7 @@ def run(
     for method in c.disposal.methods:
         models[method], disposal[method] = stages.dispose(exp, method, tl)
     results = {"models": {}, "disposal": {}}
+    results["provenance"] = provenance(tl)  # command, commit, devices, CPU, dtype: the report's header
     for name, variables in models.items():
         row = stages.evaluate_model(exp, variables)
         pl = stages.piggyback_learning(exp, name, variables)
@@ -88,7 +89,6 @@ def run(
     }
     results["config"] = to_dict(c)
     results["versions"] = versions()
-    results["provenance"] = provenance(tl)  # command, commit, devices, CPU, dtype: the report's header
     results["seconds"] = time.perf_counter() - start
     write_json(workdir / "results.json", results)
     exp.writer.close()

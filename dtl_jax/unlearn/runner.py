@@ -149,6 +149,7 @@ def run(
         row["gap"] = gap_to_oracle(row, oracle) if oracle and row["ua"] is not None else None
         row["rrt"] = row["rt_s"] / oracle["rt_s"] if oracle and oracle["rt_s"] > 0 else None
     results = {
+        "provenance": provenance(original),  # command, commit, devices, CPU, dtype: the report's header
         "methods": rows,
         "stages": _stages(histories),
         "scenario": {
@@ -159,7 +160,6 @@ def run(
         },
         "config": dataclasses.asdict(config),
         "versions": versions(),
-        "provenance": provenance(original),  # command, commit, devices, CPU, dtype: the report's header
         "seconds": time.perf_counter() - start,
     }
     write_json(workdir / "results.json", results)
