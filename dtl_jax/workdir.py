@@ -154,7 +154,7 @@ def os_error(err: BaseException, workdir: str | os.PathLike | None = None) -> Us
     if code not in _OS_ERRORS:
         return None
     what, todo = _OS_ERRORS[code]
-    if code in (errno.EACCES, errno.EPERM) and path and workdir and not _inside(path, workdir):
+    if code in (errno.EACCES, errno.EPERM) and path and not (workdir and _inside(path, workdir)):
         todo = "check its permissions"  # e.g. a data folder the run reads
     where = f"{str(path)!r}: " if path else ""
     return UserError(f"{where}{what}: {todo}, {again}")
