@@ -54,6 +54,16 @@ def _experiment_args(parser, example: str, default_workdir: str, metavar: str = 
             help="reuse a workdir made with another config, replacing its results (default: refused; another choice "
             "of methods or attacker budgets needs no --overwrite)",
         )  # fmt: skip
+    parser.add_argument(
+        "--deterministic", action="store_true",
+        help="XLA's deterministic GPU ops (set before JAX starts; a no-op on a CPU, which is deterministic already; "
+        "default: off)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--profile", default=None, metavar="DIR",
+        help="a jax.profiler trace of a few steps of each stage under DIR (TensorBoard profile plugin, Perfetto; "
+        "default: no trace)",
+    )  # fmt: skip
 
 
 def _config_args(parser, example: str, metavar: str = "KEY=VALUE") -> None:
@@ -213,7 +223,13 @@ def parse_seeds(spec: str) -> list[int]:
 
 
 def _seed_overrides(args) -> list[str]:
-    return [f"seed={args.seed}"] if args.seed is not None else []
+    """``--seed``, ``--deterministic`` and ``--profile`` as config overrides."""
+    out = [f"seed={args.seed}"] if args.seed is not None else []
+    if getattr(args, "deterministic", False):
+        out.append("deterministic=true")
+    if getattr(args, "profile", None):
+        out.append(f"profile={os.path.abspath(args.profile)}")
+    return out
 
 
 def _unlearn_overrides(args) -> list[str]:
@@ -267,6 +283,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from dtl_jax import cpu_conv
+
+    cpu_conv.choose()  # XLA:CPU's convolution path, before anything starts JAX's backend (once per process)
     from dtl_jax import config as config_lib
     from dtl_jax.config import UserError
 
@@ -317,6 +336,10 @@ def main(argv: list[str] | None = None) -> int:
             config = config_lib.validate(config_lib.apply_overrides(config, overrides))
             from dtl_jax.train.mesh import initialize_distributed
 
+            if config.deterministic:  # XLA reads its flags when the backend starts: before anything runs
+                from dtl_jax import runtime
+
+                runtime.set_deterministic()
             initialize_distributed(args.coordinator, args.num_processes, args.process_id)
             from dtl_jax import dtl as module
 

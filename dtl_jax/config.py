@@ -59,6 +59,10 @@ class ModelConfig:
     name: str = "cnn"  # mlp | cnn | resnet18
     widths: tuple[int, ...] = (16, 32, 64)  # cnn: channels per stage; mlp: hidden sizes
     batch_norm: bool = False  # cnn only (resnet18 always has it)
+    # compute dtype of the backbone: float32 | bfloat16 (mixed precision: parameters, optimiser state,
+    # BatchNorm statistics, heads, losses and GC's inner products stay float32). On a CPU bfloat16 is
+    # usually slower: keep float32 there.
+    dtype: str = "float32"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,6 +185,11 @@ class Config:
     # JAX's persistent compilation cache folder; "" = $DTL_JAX_COMPILATION_CACHE or ~/.cache/dtl_jax/jax,
     # "off" = no cache (dtl_jax/compilation_cache.py). Results do not depend on it.
     compilation_cache: str = ""
+    # XLA's deterministic GPU ops (dtl_jax/runtime.py; set before JAX starts: --deterministic). On a CPU a
+    # no-op: XLA:CPU is deterministic already. Results record whether it was in force.
+    deterministic: bool = False
+    # a folder for jax.profiler traces of a few steps of each stage (--profile DIR); "" = no profiling
+    profile: str = ""
     data: DataConfig = DataConfig(image_size=16)
     model: ModelConfig = ModelConfig()
     pretrain: OptimConfig = OptimConfig(epochs=20)
@@ -396,6 +405,7 @@ RULES: tuple[tuple[str, Range], ...] = (
 
 CHOICES: dict[str, tuple] = {
     "model.name": ("mlp", "cnn", "resnet18"),
+    "model.dtype": ("float32", "bfloat16"),
     "*.optimizer": ("sgd", "adam", "adamw"),
     "*.schedule": ("constant", "cosine"),
     "disposal.retain": ("tgt_kd", "src_kd", "ce"),

@@ -17,7 +17,7 @@ import os
 import time
 from pathlib import Path
 
-from dtl_jax import compilation_cache, stages
+from dtl_jax import compilation_cache, cpu_conv, runtime, stages
 from dtl_jax.config import Config, to_dict, validate
 from dtl_jax.summary import format_table as format_summary_table
 from dtl_jax.summary import summarize
@@ -38,6 +38,9 @@ def run(
     returns the results. A workdir made by a run with another config is refused unless ``overwrite``."""
     config = validate(config)
     compilation_cache.enable(config.compilation_cache)
+    if config.deterministic:
+        runtime.set_deterministic()  # before the first computation; recorded below
+    runtime.start_profiling(config.profile)
     workdir = prepare(Path(workdir or config.workdir), config, "run", overwrite)
     start = time.perf_counter()
     exp = stages.build_experiment(config, workdir, quiet, compiled)
@@ -89,6 +92,12 @@ def run(
     }
     results["config"] = to_dict(c)
     results["versions"] = versions()
+    results["cpu_conv"] = cpu_conv.record()
+    results["runtime"] = {
+        "compute_dtype": c.model.dtype,
+        "deterministic": runtime.determinism_record(c.deterministic),
+        "profile": c.profile or None,
+    }
     results["seconds"] = time.perf_counter() - start
     write_json(workdir / "results.json", results)
     exp.writer.close()

@@ -501,13 +501,16 @@ def header(results: dict, workdir: Path, command: str, seeds: str) -> str:
     prov = results.get("provenance", {})
     versions = results.get("versions", {})
     config = results.get("config", {})
-    sections = (*SECTIONS[command], "checkpoint_every", "compilation_cache", "workdir")
+    sections = (*SECTIONS[command], *(k for k, v in config.items() if not isinstance(v, dict)))  # + top-level keys
     entries = [("command", f"<code>{html.escape(prov.get('command') or '(not recorded)')}</code>"), ("seed", seeds),
                ("non-default config", _config_entry(config, sections))]  # fmt: skip
     version = ", ".join(f"{k} {v}" for k, v in versions.items()) or "not recorded"
     entries.append(("version", html.escape(f"{version}; commit {prov.get('commit') or 'unknown'}")))
     if prov:
         where = f"{prov['devices']}, {prov['processes']} process(es), CPU {prov['cpu']}; dtype {prov['dtype']}"
+        conv = results.get("cpu_conv", {}).get("xla_flags")
+        if conv is not None:  # XLA:CPU's convolution path (dtl_jax/cpu_conv.py): a seed's numbers depend on it
+            where += f"; XLA_FLAGS {conv or '(none)'}"
         entries.append(("ran on", html.escape(where)))
     entries.append(("workdir", html.escape(f"{workdir} ({results.get('seconds', 0):.0f} s)")))
     return _header(entries)

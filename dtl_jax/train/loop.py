@@ -10,6 +10,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from dtl_jax import runtime
 from dtl_jax.checkpoint import Progress
 from dtl_jax.train.metrics import MetricsWriter
 
@@ -95,6 +96,8 @@ def run_steps(
             break
         batch = next(batches)
         state, metrics = step(state, *(place(*batch) if place is not None else batch))
+        if (profiler := runtime.profiler()) is not None:  # --profile: a few steps of each stage
+            profiler.after_step(desc, done, state, last=done == num_steps)
         pending.append((done, metrics))
         bar.update(1)
         if done % log_every == 0 or done == num_steps:
@@ -110,6 +113,8 @@ def run_steps(
             progress.save(done, {"state": state, "book": arrays}, {"done": done, "history": history, "book": book})
     if pending:
         halted = flush()
+    if (profiler := runtime.profiler()) is not None:
+        profiler.close()  # a stage that stopped before its traced steps were done
     bar.close()
     halted_at = int(jax.device_get(state["halted_at"])) if halted else None
     return state, history, halted_at

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from jax import monitoring
 
-from dtl_jax import checkpoint, compilation_cache, seeds
+from dtl_jax import checkpoint, compilation_cache, cpu_conv, runtime, seeds
 from dtl_jax.config import Config, to_dict, validate
 from dtl_jax.data.tasks import make_task
 from dtl_jax.evaluate import predict
@@ -87,6 +87,9 @@ def run(
     config = validate(config)
     compiled = compiled or Compiled()
     compilation_cache.enable(config.compilation_cache)
+    if config.deterministic:
+        runtime.set_deterministic()  # before the first computation; recorded below
+    runtime.start_profiling(config.profile)
     workdir = prepare(Path(workdir), config, "unlearn", overwrite)
     start = time.perf_counter()
     u, d = config.unlearn, config.data
@@ -160,6 +163,12 @@ def run(
         },
         "config": dataclasses.asdict(config),
         "versions": versions(),
+        "cpu_conv": cpu_conv.record(),
+        "runtime": {
+            "compute_dtype": config.model.dtype,
+            "deterministic": runtime.determinism_record(config.deterministic),
+            "profile": config.profile or None,
+        },
         "seconds": time.perf_counter() - start,
     }
     write_json(workdir / "results.json", results)
