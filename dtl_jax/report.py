@@ -508,6 +508,9 @@ def header(results: dict, workdir: Path, command: str, seeds: str) -> str:
     entries.append(("version", html.escape(f"{version}; commit {prov.get('commit') or 'unknown'}")))
     if prov:
         where = f"{prov['devices']}, {prov['processes']} process(es), CPU {prov['cpu']}; dtype {prov['dtype']}"
+        compute = results.get("runtime", {}).get("compute_dtype")
+        if compute and compute != prov["dtype"]:
+            where += f" (backbone computes in {compute})"
         conv = results.get("cpu_conv", {}).get("xla_flags")
         if conv is not None:  # XLA:CPU's convolution path (dtl_jax/cpu_conv.py): a seed's numbers depend on it
             where += f"; XLA_FLAGS {conv or '(none)'}"
