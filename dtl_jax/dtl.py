@@ -21,7 +21,7 @@ from dtl_jax import compilation_cache, cpu_conv, runtime, stages
 from dtl_jax.config import Config, to_dict, validate
 from dtl_jax.summary import format_table as format_summary_table
 from dtl_jax.summary import summarize
-from dtl_jax.workdir import claim, prepare, seed_dir, versions, write_json
+from dtl_jax.workdir import claim, prepare, provenance, seed_dir, versions, write_json
 
 REFERENCE = "tl"  # paired differences in summary.json are taken against the TL model
 
@@ -56,6 +56,7 @@ def run(
     for method in c.disposal.methods:
         models[method], disposal[method] = stages.dispose(exp, method, tl)
     results = {"models": {}, "disposal": {}}
+    results["provenance"] = provenance(tl)  # command, commit, devices, CPU, dtype: the report's header
     for name, variables in models.items():
         row = stages.evaluate_model(exp, variables)
         pl = stages.piggyback_learning(exp, name, variables)

@@ -30,7 +30,7 @@ from dtl_jax.train.optim import make_optimizer
 from dtl_jax.unlearn.metrics import gap_to_oracle, unlearning_metrics
 from dtl_jax.unlearn.registry import HEAD, Context, load_methods, method_names
 from dtl_jax.unlearn.scenario import make_scenario
-from dtl_jax.workdir import claim, fingerprint, prepare, seed_dir, versions, write_json
+from dtl_jax.workdir import claim, fingerprint, prepare, provenance, seed_dir, versions, write_json
 
 REFERENCES = ("retrain", "ft")  # paired differences in summary.json are taken against these
 
@@ -152,6 +152,7 @@ def run(
         row["gap"] = gap_to_oracle(row, oracle) if oracle and row["ua"] is not None else None
         row["rrt"] = row["rt_s"] / oracle["rt_s"] if oracle and oracle["rt_s"] > 0 else None
     results = {
+        "provenance": provenance(original),  # command, commit, devices, CPU, dtype: the report's header
         "methods": rows,
         "stages": _stages(histories),
         "scenario": {
