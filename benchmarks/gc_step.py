@@ -2,7 +2,7 @@
 
 Every step is a full jitted update (gradient, then SGD on parameters donated to the step) on the same
 batch and model. The plain step differentiates the batch's mean cross-entropy; a GC step differentiates
-GC (METHODS.md §1.1) over ``K`` contiguous chunks of the same batch. Variants of the GC gradient:
+GC (docs/methods.md §1.1) over ``K`` contiguous chunks of the same batch. Variants of the GC gradient:
 
 - ``jvp`` (library default): ``dtl_jax.gc.gc_loss``; chunks unrolled, forward-over-reverse HVPs
   recomputed in the backward pass of its ``custom_vjp``;
@@ -24,6 +24,10 @@ a plain step and the K tangent passes about as much.
     python benchmarks/gc_step.py                                   # small CNN, K=4, batch 128, 32x32
     python benchmarks/gc_step.py --models mlp,cnn --batches 64,256 --chunks 2,8 --variants jvp,vmap
     python benchmarks/gc_step.py --models resnet18 --batches 64 --variants jvp,linearize --repeats 3
+    python benchmarks/gc_step.py --conv-paths both      # XLA:CPU's two convolution paths, a process each
+
+Every row records the convolution path it ran under (``conv_path``, ``dtl_jax/cpu_conv.py``); with
+``--conv-paths both`` the rows of both paths, each path's run in its own process.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 
 import jax
@@ -40,7 +45,7 @@ import optax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from dtl_jax import losses
+from dtl_jax import cpu_conv, losses
 from dtl_jax.config import ModelConfig
 from dtl_jax.gc import gc_loss, pairwise_collision, split_chunks
 from dtl_jax.models import build
@@ -176,7 +181,23 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--json", default=None, help="also write the rows here")
+    parser.add_argument(
+        "--conv-paths", default="current", choices=("current", "both"),
+        help="current: the path in force in this process; both: each of XLA:CPU's paths in a process of its own",
+    )  # fmt: skip
     args = parser.parse_args()
+    if args.conv_paths == "both":
+        argv = [a for a in sys.argv if a not in ("--conv-paths", "both")]
+        argv = [a for i, a in enumerate(argv) if a != "--json" and (i == 0 or argv[i - 1] != "--json")]
+        rows = [row for path_rows in cpu_conv.run_per_path(argv).values() for row in path_rows]
+        chosen = cpu_conv.record()
+        print(f"chosen here: {chosen['path']} ({chosen['source']})")
+        for row in rows:
+            row["chosen_path"] = chosen["path"]
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=1)
+        return
     variants = [v for v in args.variants.split(",") if v]
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
@@ -189,6 +210,7 @@ def main() -> None:
         for batch in map(int, args.batches.split(",")):
             for k in map(int, args.chunks.split(",")):
                 for r in measure(model, batch, k, args.image_size, args.repeats, variants):
+                    r["conv_path"] = cpu_conv.choose().path
                     rows.append(r)
                     shape = f"{r['model']:<9}{r['batch']:>6}{r['num_chunks']:>4}{r['variant']:>11}"
                     times = f"{r['plain_ms']:>10.1f}{r['gc_ms']:>10.1f}{r['ratio']:>9.2f}"

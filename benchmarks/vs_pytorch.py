@@ -23,6 +23,11 @@ Needs PyTorch (the ``bench`` extra): ``pip install torch==2.13.0``.
 
     python benchmarks/vs_pytorch.py                    # small CNN, K=4, batch 128, 32x32
     python benchmarks/vs_pytorch.py --repeats 20 --breakdown --json out.json
+    python benchmarks/vs_pytorch.py --conv-paths both  # XLA:CPU's two convolution paths, a process each
+
+The JSON records the convolution path in force (``cpu_conv``: ``dtl_jax/cpu_conv.py``); with
+``--conv-paths both`` it is ``{"chosen": <this machine's measured choice>, "by_path": {"eigen": ..., "ynn":
+...}}``, each path's run in its own process (the flag must be set before JAX's backend starts).
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dtl_jax import losses
+from dtl_jax import cpu_conv, losses
 from dtl_jax.config import ModelConfig
 from dtl_jax.gc import HVP_MODES, gc_loss
 from dtl_jax.models import build
@@ -334,10 +339,25 @@ def main() -> None:
     parser.add_argument("--rtol", type=float, default=1e-4, help="GC value tolerance (gradients: 10x)")
     parser.add_argument("--breakdown", action="store_true", help="always print the per-component breakdown")
     parser.add_argument("--json", default=None, help="also write the result here")
+    parser.add_argument(
+        "--conv-paths", default="current", choices=("current", "both"),
+        help="current: the path in force in this process; both: each of XLA:CPU's paths in a process of its own",
+    )  # fmt: skip
     args = parser.parse_args()
     if torch is None:
         sys.exit("vs_pytorch.py needs PyTorch, an optional extra: pip install torch==2.13.0")
-    result = measure(args)
+    if args.conv_paths == "both":
+        argv = [a for a in sys.argv if a not in ("--conv-paths", "both")]
+        argv = [a for i, a in enumerate(argv) if a != "--json" and (i == 0 or argv[i - 1] != "--json")]
+        by_path = cpu_conv.run_per_path(argv)
+        result = {"chosen": cpu_conv.record(), "by_path": by_path}
+        print("\nby convolution path (ours/PyTorch, GC/plain):")
+        for path, r in by_path.items():
+            ratios = r["ours_over_pytorch"]["gc"], r["gc_over_plain"]["jax"]
+            print(f"  {path:<6} GC ours/pt {ratios[0]:.2f}, jax GC/plain {ratios[1]:.2f}")
+        print(f"  chosen here: {result['chosen']['path']} ({result['chosen']['source']})")
+    else:
+        result = {**measure(args), "cpu_conv": cpu_conv.record()}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

@@ -2,12 +2,22 @@
 
 A checkpoint is complete only once orbax has finalised its directory (it writes to a temporary name
 and renames), so a process killed mid-save leaves nothing that ``exists`` accepts.
+
+A write or read that fails for a reason of the file system (full disk, no permission) raises ``OSError``
+with the errno and the checkpoint's folder, whatever layer met it: orbax and tensorstore report it as a
+``ValueError`` whose message carries ``[os_error_code='N']`` (and log it several times through absl, in
+their background threads); here it is raised once as the ``OSError`` it wraps, and the logging is held back
+while orbax works, since the error itself says it all.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import logging
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -30,6 +40,43 @@ def _agreed(flag: bool) -> bool:
     return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag)))
 
 
+_STRERRORS = {os.strerror(code): code for code in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EIO)}
+
+
+def os_error_of(err: BaseException) -> int | None:
+    """The errno an orbax/tensorstore error wraps (``[os_error_code='28']``, or a known ``strerror`` in its
+    message), or None."""
+    if isinstance(err, OSError):
+        return err.errno
+    text = str(err)
+    code = re.search(r"os_error_code='?(\d+)", text)
+    if code is not None:
+        return int(code.group(1))
+    return next((c for message, c in _STRERRORS.items() if message in text), None)
+
+
+@contextlib.contextmanager
+def filesystem_errors(directory: str | os.PathLike):
+    """Raises a file-system failure inside the block as ``OSError(errno, strerror, directory)``; holds back
+    absl's (orbax's) error logging meanwhile."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    except OSError as err:
+        if err.filename is None:
+            raise OSError(err.errno, err.strerror, str(directory)) from err
+        raise
+    except Exception as err:
+        code = os_error_of(err)
+        if code is None:
+            raise
+        raise OSError(code, os.strerror(code), str(directory)) from err
+    finally:
+        logger.setLevel(level)
+
+
 def exists(directory: str | os.PathLike) -> bool:
     path = _path(directory)
     return _agreed((path / "state").is_dir() and (path / "meta.json").is_file())
@@ -39,14 +86,15 @@ def save(directory: str | os.PathLike, tree: Any, meta: dict | None = None) -> N
     """Saves ``tree`` (arrays) and ``meta`` (JSON) under ``directory``; the JSON is written last, so
     its presence marks a finished checkpoint."""
     path = _path(directory)
-    path.mkdir(parents=True, exist_ok=True)
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(path / "state", jax.device_get(tree), force=True)
-        checkpointer.wait_until_finished()
-    if jax.process_index() == 0:
-        tmp = path / "meta.json.tmp"
-        tmp.write_text(json.dumps(meta or {}, indent=1))
-        tmp.replace(path / "meta.json")
+    with filesystem_errors(path):
+        path.mkdir(parents=True, exist_ok=True)
+        with ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save(path / "state", jax.device_get(tree), force=True)
+            checkpointer.wait_until_finished()
+        if jax.process_index() == 0:
+            tmp = path / "meta.json.tmp"
+            tmp.write_text(json.dumps(meta or {}, indent=1))
+            tmp.replace(path / "meta.json")
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
@@ -57,9 +105,9 @@ def restore(directory: str | os.PathLike, like: Any) -> tuple[Any, dict]:
     """Restores the tree saved under ``directory`` with the structure, shapes and dtypes of ``like``."""
     path = _path(directory)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), like)
-    with ocp.StandardCheckpointer() as checkpointer:
+    with filesystem_errors(path), ocp.StandardCheckpointer() as checkpointer:
         tree = checkpointer.restore(path / "state", abstract)
-    return tree, json.loads((path / "meta.json").read_text())
+        return tree, json.loads((path / "meta.json").read_text())
 
 
 class Progress:
@@ -73,7 +121,8 @@ class Progress:
         self.every = every
         self.resumed_from = 0  # the step a run resumed from (set by the loop)
         options = ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False)
-        self._manager = ocp.CheckpointManager(self.directory, options=options)
+        with filesystem_errors(self.directory):
+            self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     def restore(self, like: Any) -> tuple[Any, dict] | None:
         """``(tree, extra)`` of the newest finished checkpoint, ``tree`` shaped like ``like``; or None."""
@@ -81,21 +130,21 @@ class Progress:
         if step is None:
             return None
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), like)
-        restored = self._manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), extra=ocp.args.JsonRestore())
-        )
+        with filesystem_errors(self.directory):
+            restored = self._manager.restore(
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), extra=ocp.args.JsonRestore())
+            )
         return restored["state"], restored["extra"]
 
     def save(self, step: int, tree: Any, extra: dict) -> None:
-        self._manager.save(
-            step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(jax.device_get(tree)), extra=ocp.args.JsonSave(extra)),
-            force=True,
-        )
-        self._manager.wait_until_finished()
+        with filesystem_errors(self.directory):
+            state = ocp.args.StandardSave(jax.device_get(tree))
+            self._manager.save(step, args=ocp.args.Composite(state=state, extra=ocp.args.JsonSave(extra)), force=True)
+            self._manager.wait_until_finished()
 
     def close(self) -> None:
-        self._manager.close()
+        with filesystem_errors(self.directory):
+            self._manager.close()
 
 
 def remove(directory: str | os.PathLike) -> None:

@@ -32,20 +32,50 @@ Results: WORKDIR/results.json and the printed table.
 
 def _experiment_args(parser, example: str, default_workdir: str, metavar: str = "KEY=VALUE", overwrite=True):
     """The arguments every experiment command shares: CONFIG, --set, --workdir, --quiet (--overwrite)."""
-    parser.add_argument("config", nargs="?", default=None, help="config file with get_config() (default: built-in)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar=metavar,
-                        help=f"override a config key, e.g. --set {example} (repeatable)")  # fmt: skip
+    _config_args(parser, example, metavar)
     parser.add_argument("--workdir", default=None, help=f"checkpoints and results go here (default: {default_workdir})")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars (default: shown)")
     seeds = parser.add_mutually_exclusive_group()
-    seeds.add_argument("--seed", type=int, default=None, help="one seed (the same as --set seed=N)")
+    seeds.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        metavar="N",
+        help="one seed, the same as --set seed=N (default: the config's seed, 0)",
+    )
     seeds.add_argument(
         "--seeds", default=None, metavar="SPEC",
         help="several seeds in one process, e.g. 0-4 or 0,3,7: WORKDIR/seed-<s>/ each, and WORKDIR/summary.json "
-        "with means, 95%% intervals and paired differences",
+        "with means, 95%% intervals and paired differences (default: one seed)",
     )  # fmt: skip
     if overwrite:
-        parser.add_argument("--overwrite", action="store_true", help="reuse a workdir made with another config")
+        parser.add_argument(
+            "--overwrite", action="store_true",
+            help="reuse a workdir made with another config, replacing its results (default: refused; another choice "
+            "of methods or attacker budgets needs no --overwrite)",
+        )  # fmt: skip
+    parser.add_argument(
+        "--deterministic", action="store_true",
+        help="XLA's deterministic GPU ops (set before JAX starts; a no-op on a CPU, which is deterministic already; "
+        "default: off)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--profile", default=None, metavar="DIR",
+        help="a jax.profiler trace of a few steps of each stage under DIR (TensorBoard profile plugin, Perfetto; "
+        "default: no trace)",
+    )  # fmt: skip
+
+
+def _config_args(parser, example: str, metavar: str = "KEY=VALUE") -> None:
+    """CONFIG and --set: what every command that reads a config takes."""
+    parser.add_argument(
+        "config", nargs="?", default=None,
+        help="config file with get_config(), or a name in configs/ such as digits (default: the built-in config)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar=metavar,
+        help=f"override a config key, e.g. --set {example} (repeatable; `dtl-jax config` lists keys and defaults)",
+    )  # fmt: skip
 
 
 def _parser(methods: str = "see `dtl-jax unlearn --help`") -> argparse.ArgumentParser:
@@ -63,9 +93,13 @@ def _parser(methods: str = "see `dtl-jax unlearn --help`") -> argparse.ArgumentP
     dist = run.add_argument_group(
         "multi-process jobs (jax.distributed; defaults from JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID)"
     )
-    dist.add_argument("--coordinator", default="", help="host:port of process 0, or 'auto' to detect a cluster")
-    dist.add_argument("--num-processes", type=int, default=0, help="number of processes in the job")
-    dist.add_argument("--process-id", type=int, default=-1, help="this process's index, 0..N-1")
+    dist.add_argument(
+        "--coordinator",
+        default="",
+        help="host:port of process 0, or 'auto' to detect a cluster (default: none, one process)",
+    )
+    dist.add_argument("--num-processes", type=int, default=0, help="number of processes in the job (default: none)")
+    dist.add_argument("--process-id", type=int, default=-1, help="this process's index, 0..N-1 (default: none)")
 
     unlearn = sub.add_parser(
         "unlearn",
@@ -75,10 +109,24 @@ def _parser(methods: str = "see `dtl-jax unlearn --help`") -> argparse.ArgumentP
         formatter_class=raw,
     )
     _experiment_args(unlearn, "unlearn.sure_alpha=0.5", "runs/unlearn")
-    unlearn.add_argument("--scenario", choices=("random", "partial_class", "full_class"), default=None)
-    unlearn.add_argument("--methods", default=None, help="comma list, e.g. sure,scrub (default: every method)")
-    unlearn.add_argument("--forget-fraction", type=float, default=None, help="fraction of the data (random) or class")
-    unlearn.add_argument("--forget-class", type=int, default=None, help="the class to forget (class scenarios)")
+    unlearn.add_argument(
+        "--scenario", choices=("random", "partial_class", "full_class"), default=None,
+        help="what is forgotten: a random part of the training set, part of one class, or a whole class "
+        "(default: the config's unlearn.scenario, partial_class)",
+    )  # fmt: skip
+    unlearn.add_argument(
+        "--methods", default=None,
+        help="comma list, e.g. retrain,ft,sure; the same workdir accepts another list (default: every method)",
+    )  # fmt: skip
+    unlearn.add_argument(
+        "--forget-fraction", type=float, default=None, metavar="F",
+        help="fraction of the training set (random) or of the class (partial_class) to forget, in (0, 1) "
+        "(default: the scenario's, random 0.1, partial_class 0.5)",
+    )  # fmt: skip
+    unlearn.add_argument(
+        "--forget-class", type=int, default=None, metavar="C",
+        help="the class to forget in the class scenarios (default: the config's unlearn.forget_class, 0)",
+    )  # fmt: skip
 
     sweep = sub.add_parser(
         "sweep",
@@ -95,6 +143,16 @@ def _parser(methods: str = "see `dtl-jax unlearn --help`") -> argparse.ArgumentP
         description="Write PNG plots and report.html (images embedded) from WORKDIR/results.json.",
     )
     report.add_argument("workdir", help="a workdir of `dtl-jax run` or `dtl-jax unlearn`")
+
+    config = sub.add_parser(
+        "config",
+        help="every config key with its value and what it means; * marks a value that differs from the default",
+        description="Print every config key of CONFIG (after --set) with its value and its comment from "
+        "dtl_jax/config.py; * marks a value that differs from the built-in default config.",
+        epilog="examples:\n  dtl-jax config\n  dtl-jax config digits --set disposal.gc_lambda=0.1",
+        formatter_class=raw,
+    )
+    _config_args(config, "disposal.gc_lambda=0.1")
 
     data = sub.add_parser(
         "data",
@@ -118,7 +176,7 @@ def _parser(methods: str = "see `dtl-jax unlearn --help`") -> argparse.ArgumentP
     data_prepare.add_argument(
         "--manual-dir", default="", help="archives downloaded by hand (default: DATA_DIR/downloads/manual)"
     )
-    data_prepare.add_argument("--quiet", action="store_true", help="no progress bars")
+    data_prepare.add_argument("--quiet", action="store_true", help="no progress bars (default: shown)")
     data_list = data_sub.add_parser("list", help="what each shipped config reads, where from, whether it is there")
     data_list.add_argument(
         "--data-dir", default=None, help="tfds data dir to look in (default: each config's data.tfds_dir)"
@@ -165,7 +223,13 @@ def parse_seeds(spec: str) -> list[int]:
 
 
 def _seed_overrides(args) -> list[str]:
-    return [f"seed={args.seed}"] if args.seed is not None else []
+    """``--seed``, ``--deterministic`` and ``--profile`` as config overrides."""
+    out = [f"seed={args.seed}"] if args.seed is not None else []
+    if getattr(args, "deterministic", False):
+        out.append("deterministic=true")
+    if getattr(args, "profile", None):
+        out.append(f"profile={os.path.abspath(args.profile)}")
+    return out
 
 
 def _unlearn_overrides(args) -> list[str]:
@@ -184,6 +248,30 @@ def _unlearn_overrides(args) -> list[str]:
     return out
 
 
+def _forget(workdir: str | None, fresh: bool) -> None:
+    """A run that created its workdir and failed before writing anything leaves no empty folder behind."""
+    if workdir is not None and fresh:
+        from dtl_jax.workdir import remove_if_empty
+
+        remove_if_empty(workdir)
+
+
+def _one_line_warnings() -> None:
+    """The library's own warnings (e.g. an unwritable compilation cache) print as one line
+    ``dtl-jax: warning: ...``; other packages' warnings keep Python's format."""
+    import warnings
+
+    package = os.path.dirname(os.path.abspath(__file__))
+    default = warnings.formatwarning
+
+    def formatwarning(message, category, filename, lineno, line=None):
+        if os.path.abspath(filename).startswith(package + os.sep):
+            return f"dtl-jax: warning: {message}\n"
+        return default(message, category, filename, lineno, line)
+
+    warnings.formatwarning = formatwarning
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     if argv is None:
@@ -195,14 +283,26 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from dtl_jax import cpu_conv
+
+    cpu_conv.choose()  # XLA:CPU's convolution path, before anything starts JAX's backend (once per process)
     from dtl_jax import config as config_lib
     from dtl_jax.errors import UserError
 
+    _one_line_warnings()
+    from dtl_jax import workdir as workdir_lib
+
+    workdir_lib.set_command(argv)
+    workdir, fresh = None, False  # the run's workdir, and whether this run created it
     try:
         if args.command == "report":
             from dtl_jax.report import write_report
 
             print(write_report(args.workdir))
+            return 0
+        if args.command == "config":
+            config = config_lib.validate(config_lib.apply_overrides(config_lib.load(args.config), args.overrides))
+            print(config_lib.describe(config))
             return 0
         if args.command == "data":
             from dtl_jax import cli_data
@@ -221,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
 
             config = config_lib.apply_overrides(config, _seed_overrides(args))
             workdir = args.workdir or os.path.join(os.path.dirname(config.workdir) or ".", "sweep")
+            fresh = not os.path.lexists(workdir)
             summary = sweep.run(config, args.overrides, workdir, quiet=args.quiet, seeds=seeds)
             print(sweep.format_table(summary))
             print(f"\nsweep: {os.path.join(workdir, 'sweep.json')}, {os.path.join(workdir, 'sweep.png')}")
@@ -236,10 +337,15 @@ def main(argv: list[str] | None = None) -> int:
             config = config_lib.validate(config_lib.apply_overrides(config, overrides))
             from dtl_jax.train.mesh import initialize_distributed
 
+            if config.deterministic:  # XLA reads its flags when the backend starts: before anything runs
+                from dtl_jax import runtime
+
+                runtime.set_deterministic()
             initialize_distributed(args.coordinator, args.num_processes, args.process_id)
             from dtl_jax import dtl as module
 
             workdir = args.workdir or config.workdir
+        fresh = not os.path.lexists(workdir)
         if seeds is None:
             results = module.run(config, workdir, quiet=args.quiet, overwrite=args.overwrite)
         else:
@@ -252,9 +358,18 @@ def main(argv: list[str] | None = None) -> int:
 
         page = write_report(workdir)
     except UserError as err:
+        _forget(workdir, fresh)
         print(f"dtl-jax: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a full disk, a lost permission... while writing: the user's to fix, not a bug
+        error = workdir_lib.os_error(err, workdir)
+        if error is None:
+            raise
+        _forget(workdir, fresh)
+        print(f"dtl-jax: error: {error}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
+        _forget(workdir, fresh)
         print("dtl-jax: interrupted; finished stages are checkpointed and will be reused", file=sys.stderr)
         return 130
     print(module.format_table(results))

@@ -16,6 +16,7 @@ the compiler flags, the devices and the JAX version, so a stale entry is never u
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import jax
@@ -39,12 +40,20 @@ def cache_dir(setting: str = "") -> Path | None:
 
 def enable(setting: str = "") -> Path | None:
     """Points JAX's persistent compilation cache at ``cache_dir(setting)`` (or turns it off); returns
-    the folder. An unwritable folder turns the cache off rather than failing the run."""
+    the folder. An unwritable folder turns the cache off with a warning rather than failing the run."""
     directory = cache_dir(setting)
     if directory is not None:
         try:
             directory.mkdir(parents=True, exist_ok=True)
-        except OSError:
+            probe = directory / f".write-test-{os.getpid()}"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as err:
+            warnings.warn(
+                f"compilation cache {str(directory)!r} cannot be written ({err.strerror or err}): compiling "
+                f"without it; set {ENV} or --set compilation_cache=PATH to a writable folder, or to {OFF}",
+                stacklevel=2,
+            )
             directory = None
     jax.config.update("jax_compilation_cache_dir", str(directory) if directory is not None else None)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)

@@ -36,8 +36,10 @@ class TaskConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    source: TaskConfig = TaskConfig(classes=(0, 1, 2, 3, 4))
-    target: TaskConfig = TaskConfig(classes=(5, 6, 7, 8, 9))
+    """The tasks (source, target, the attacker's data) and how images are prepared."""
+
+    source: TaskConfig = TaskConfig(classes=(0, 1, 2, 3, 4))  # the task pre-trained on, then disposed of
+    target: TaskConfig = TaskConfig(classes=(5, 6, 7, 8, 9))  # the task transferred to, kept
     # Piggyback data: dataset "" = a class-balanced subset of the *source* training data (docs/methods.md §1
     # protocol (a)), tested on the source test set; otherwise a new downstream task (protocol (b)).
     piggyback: TaskConfig = TaskConfig(dataset="")
@@ -46,16 +48,22 @@ class DataConfig:
     image_size: int = 32  # square side after resizing; 0 = keep the dataset's size
     channels: int = 3  # grayscale is repeated to 3 channels, RGB averaged to 1
     mean: float = 0.5  # images are (pixel/255 - mean) / std
-    std: float = 0.25
+    std: float = 0.25  # see mean
     flip: bool = True  # random horizontal flips while training
     tfds_dir: str = ""  # tfds data_dir; "" = tfds's default
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
+    """The backbone; every task gets its own linear head on its features."""
+
     name: str = "cnn"  # mlp | cnn | resnet18
     widths: tuple[int, ...] = (16, 32, 64)  # cnn: channels per stage; mlp: hidden sizes
     batch_norm: bool = False  # cnn only (resnet18 always has it)
+    # compute dtype of the backbone: float32 | bfloat16 (mixed precision: parameters, optimiser state,
+    # BatchNorm statistics, heads, losses and GC's inner products stay float32). On a CPU bfloat16 is
+    # usually slower: keep float32 there.
+    dtype: str = "float32"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,14 +71,14 @@ class OptimConfig:
     """One stage's training budget and optimiser (optax)."""
 
     optimizer: str = "adam"  # sgd | adam | adamw
-    learning_rate: float = 1e-3
+    learning_rate: float = 1e-3  # peak learning rate (after warm-up)
     momentum: float = 0.9  # sgd only
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # decoupled for adamw, added to the gradient for sgd and adam
     schedule: str = "constant"  # constant | cosine
-    warmup_steps: int = 0
+    warmup_steps: int = 0  # linear warm-up from 0 over this many steps
     clip_norm: float = 0.0  # global-norm clipping; 0 = off
-    epochs: int = 10  # for pretrain / transfer / piggyback
-    batch_size: int = 64
+    epochs: int = 10  # passes over the training set (disposal.optim: unused, disposal.steps counts)
+    batch_size: int = 64  # examples a step (disposal.optim: unused, see disposal.source_batch_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,9 +95,9 @@ class PiggybackConfig(OptimConfig):
 class DisposalConfig:
     """Knowledge disposal (docs/methods.md §1): L_retain + gc_lambda * L_unlearn from the TL model."""
 
-    methods: tuple[str, ...] = ("gc", "ngc", "rtf", "utf", "ga")
+    methods: tuple[str, ...] = ("gc", "ngc", "rtf", "utf", "ga")  # disposal losses to run, one model each
     retain: str = "tgt_kd"  # tgt_kd | src_kd | ce
-    temperature: float = 4.0
+    temperature: float = 4.0  # softmax temperature of the KD retain losses
     gc_lambda: float = 1.0  # λ for GC and NGC
     fooling_lambda: float = 1.0  # λ for RTF, UTF, GA
     num_chunks: int = 5  # K
@@ -97,7 +105,7 @@ class DisposalConfig:
     gc_params: str = "backbone_source"  # which parameters enter g_k: backbone_source | backbone | all
     refit_source_head: bool = False  # re-fit a linear source head on frozen features before disposal
     source_batch_size: int = 80  # the source batch split into K chunks
-    steps: int = 200
+    steps: int = 200  # disposal steps (each: a source batch and a target batch)
     eval_every: int = 25  # held-out checks for the stopping rule
     max_target_drop: float = 1.0  # stop when held-out target accuracy falls this much below TL's
     selection: str = "last"  # which checked state to return: last | min_probe (lowest source probe accuracy)
@@ -107,17 +115,17 @@ class DisposalConfig:
     max_grad_norm: float = 1e6  # divergence bound on the gradient norm (before clipping)
     devices: int = 0  # devices to shard the disposal step over (0 = all); chunks are split between them
     gc_low_memory: bool = False  # GC/NGC: recompute chunk gradients one at a time (~3 param-sized buffers, slower)
-    optim: OptimConfig = OptimConfig(optimizer="sgd", learning_rate=0.01, clip_norm=1.0)
+    optim: OptimConfig = OptimConfig(optimizer="sgd", learning_rate=0.01, clip_norm=1.0)  # disposal's optimiser
 
 
 @dataclasses.dataclass(frozen=True)
 class UnlearnConfig:
     """Selective unlearning (docs/methods.md §2): one task, a forget set, SURE and the baselines."""
 
-    task: TaskConfig = TaskConfig(dataset="embedded")
+    task: TaskConfig = TaskConfig(dataset="embedded")  # the one task: trained on, then a forget set unlearned
     scenario: str = "partial_class"  # random | partial_class | full_class
     forget_fraction: float = 0.0  # 0 = the scenario's default: random 0.1 of the training set, partial 0.5
-    forget_class: int = 0
+    forget_class: int = 0  # the class to forget (partial_class, full_class)
     methods: tuple[str, ...] = ()  # () = every method of dtl_jax.unlearn.registry, Retrain first
     original: OptimConfig = OptimConfig(epochs=20, schedule="cosine")  # the original model; Retrain's budget
     # The baselines (docs/methods.md §2.2). Their references' settings are configs/unlearn_reference.py: SGD,
@@ -165,7 +173,9 @@ class UnlearnConfig:
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    batch_size: int = 500
+    """Evaluation (predictions only, no training)."""
+
+    batch_size: int = 500  # examples a forward pass
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,12 +183,17 @@ class Config:
     """An experiment. The section classes' own defaults are docs/methods.md's; ``Config()`` is the embedded
     default experiment, whose settings below come from the search in ``experiments/default_search.md``."""
 
-    seed: int = 0
-    workdir: str = "runs/default"
+    seed: int = 0  # every random choice derives from it (dtl_jax/seeds.py)
+    workdir: str = "runs/default"  # `dtl-jax run`'s default --workdir (unlearn and sweep: beside it)
     checkpoint_every: int = 200  # mid-stage checkpoints every N steps (0 = only when a stage ends)
     # JAX's persistent compilation cache folder; "" = $DTL_JAX_COMPILATION_CACHE or ~/.cache/dtl_jax/jax,
     # "off" = no cache (dtl_jax/compilation_cache.py). Results do not depend on it.
     compilation_cache: str = ""
+    # XLA's deterministic GPU ops (dtl_jax/runtime.py; set before JAX starts: --deterministic). On a CPU a
+    # no-op: XLA:CPU is deterministic already. Results record whether it was in force.
+    deterministic: bool = False
+    # a folder for jax.profiler traces of a few steps of each stage (--profile DIR); "" = no profiling
+    profile: str = ""
     data: DataConfig = DataConfig(image_size=16)
     model: ModelConfig = ModelConfig()
     pretrain: OptimConfig = OptimConfig(epochs=20)
@@ -397,6 +412,7 @@ RULES: tuple[tuple[str, Range], ...] = (
 
 CHOICES: dict[str, tuple] = {
     "model.name": ("mlp", "cnn", "resnet18"),
+    "model.dtype": ("float32", "bfloat16"),
     "*.optimizer": ("sgd", "adam", "adamw"),
     "*.schedule": ("constant", "cosine"),
     "disposal.retain": ("tgt_kd", "src_kd", "ce"),
@@ -416,6 +432,8 @@ def rule_for(key: str) -> Range | None:
 
 def check_value(key: str, value: float, rule: Range) -> None:
     """Raises a one-line ``UserError`` naming ``key`` unless ``value`` is finite and inside ``rule``."""
+    if not math.isfinite(value):  # inf may satisfy the bounds ("non-negative"): say what is wrong with it
+        raise UserError(f"{key}={value!r}: expected {rule.describe().replace('a ', 'a finite ', 1)}")
     if not rule.contains(value):
         raise UserError(f"{key}={value!r}: expected {rule.describe()}")
 
@@ -484,3 +502,96 @@ def validate(config: Config) -> Config:
             f"gives {forget} forget examples: expected at least 1 forget and 1 validation example a step"
         )
     return config
+
+
+# ---------------------------------------------------------------------------------------------------
+# `dtl-jax config`: every key, its value and its comment
+
+
+def _source_comments() -> dict[str, dict[str, str]]:
+    """``{class name: {field name: comment}}`` from this file's source: the ``# ...`` after a field (after
+    the closing parenthesis of a multi-line default), or else the comment lines right above it; and
+    ``{class name: {"": first docstring line}}``."""
+    import ast
+    import io
+    import tokenize
+
+    source = Path(__file__).read_text()
+    comments = {
+        tok.start[0]: (tok.string[1:].strip(), tok.line[: tok.start[1]].strip() == "")
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline)
+        if tok.type == tokenize.COMMENT
+    }  # line -> (text, alone on its line)
+    out: dict[str, dict[str, str]] = {}
+    for node in ast.parse(source).body:
+        if not isinstance(node, ast.ClassDef):
+            continue
+        fields_ = out.setdefault(node.name, {})
+        doc = ast.get_docstring(node)
+        if doc:
+            fields_[""] = " ".join(doc.split("\n\n")[0].split())
+        for item in node.body:
+            if not isinstance(item, ast.AnnAssign) or not isinstance(item.target, ast.Name):
+                continue
+            text, alone = comments.get(item.end_lineno, ("", True))
+            if not text or alone:
+                above, line = [], item.lineno - 1
+                while line in comments and comments[line][1]:
+                    above.insert(0, comments[line][0])
+                    line -= 1
+                text = " ".join(above)
+            if text and "fmt: skip" not in text:
+                fields_[item.target.id] = text
+    return out
+
+
+def _comment(comments: dict, cls: type, name: str) -> str:
+    for klass in cls.__mro__:  # PiggybackConfig's optimiser fields are OptimConfig's
+        text = comments.get(klass.__name__, {}).get(name)
+        if text is not None:
+            return text
+    return ""
+
+
+def format_value(value: Any) -> str:
+    """A value as ``--set`` takes it: tuples as comma lists, booleans as true/false, "" for an empty string."""
+    if isinstance(value, tuple):
+        return ",".join(map(str, value)) if value else "()"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return value if value else '""'
+    return repr(value)
+
+
+def describe(config: Config, default: Config | None = None) -> str:
+    """Every key of ``config`` with its value and its comment (from ``dtl_jax/config.py``), one line a key,
+    under a comment line per section; a key whose value differs from ``default`` (the built-in config,
+    ``Config()``) is marked ``*`` and shows the default beside it."""
+    comments = _source_comments()
+    default = Config() if default is None else default
+    rows: list[tuple[str, str, str]] = []  # (line without the comment, comment, marker)
+
+    def walk(node, base, prefix):
+        for field in dataclasses.fields(node):
+            value, before = getattr(node, field.name), getattr(base, field.name)
+            key, text = prefix + field.name, _comment(comments, type(node), field.name)
+            if dataclasses.is_dataclass(value):
+                about = text or comments.get(type(value).__name__, {}).get("", "")
+                rows.append((f"# {key}" + (f": {about}" if about else ""), "", "section"))
+                walk(value, before, key + ".")
+            else:
+                changed = value != before
+                line = f"{'*' if changed else ' '} {key} = {format_value(value)}"
+                note = f"[default: {format_value(before)}]" if changed else ""
+                rows.append((line, " ".join(t for t in (text, note) if t), ""))
+
+    walk(config, default, "")
+    width = min(56, max(len(line) for line, _, kind in rows if not kind))
+    lines = []
+    for line, text, kind in rows:
+        if kind:
+            lines.append(("\n" if lines else "") + line)
+        else:
+            lines.append(f"{line:<{width}}  # {text}" if text else line)
+    return "\n".join(lines)

@@ -16,11 +16,11 @@ import os
 import time
 from pathlib import Path
 
-from dtl_jax import compilation_cache, runs, stages
+from dtl_jax import compilation_cache, cpu_conv, runs, runtime, stages
 from dtl_jax.config import Config, to_dict
 from dtl_jax.summary import format_table as results_table
 from dtl_jax.train.compiled import Compiled
-from dtl_jax.workdir import claim, prepare, versions, write_json
+from dtl_jax.workdir import claim, prepare, provenance, versions, write_json
 
 REFERENCE = "tl"  # paired differences in summary.json are taken against the TL model
 
@@ -37,6 +37,9 @@ def run(
     returns the results. A workdir made by a run with another config is refused unless ``overwrite``."""
     config = stages.check(config)
     compilation_cache.enable(config.compilation_cache)
+    if config.deterministic:
+        runtime.set_deterministic()  # before the first computation; recorded below
+    runtime.start_profiling(config.profile)
     workdir = prepare(Path(workdir or config.workdir), config, "run", overwrite)
     start = time.perf_counter()
     exp = stages.build_experiment(config, workdir, quiet, compiled)
@@ -52,6 +55,7 @@ def run(
     for method in c.disposal.methods:
         models[method], disposal[method] = stages.dispose(exp, method, tl)
     results = {"models": {}, "disposal": {}}
+    results["provenance"] = provenance(tl)  # command, commit, devices, CPU, dtype: the report's header
     for name, variables in models.items():
         row = stages.evaluate_model(exp, variables)
         pl = stages.piggyback_learning(exp, name, variables)
@@ -79,6 +83,12 @@ def run(
     }
     results["config"] = to_dict(c)
     results["versions"] = versions()
+    results["cpu_conv"] = cpu_conv.record()
+    results["runtime"] = {
+        "compute_dtype": c.model.dtype,
+        "deterministic": runtime.determinism_record(c.deterministic),
+        "profile": c.profile or None,
+    }
     results["seconds"] = time.perf_counter() - start
     write_json(workdir / "results.json", results)
     exp.writer.close()

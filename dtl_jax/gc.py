@@ -1,6 +1,6 @@
 """Gradient Collision (GC) and normalised GC (NGC) losses with a Hessian-vector-product gradient.
 
-METHODS.md §1.1. A batch ``B`` is split along its leading axis into ``K`` equal, contiguous chunks
+docs/methods.md §1.1. A batch ``B`` is split along its leading axis into ``K`` equal, contiguous chunks
 ``B_1..B_K``; ``ℓ_k(θ)`` is ``loss_fn(θ, B_k)`` (a mean loss) and ``g_k = ∇_θ ℓ_k``. Then
 
     GC(θ)  = 1/(K(K-1)) Σ_{i≠j} <g_i, g_j>  = (||G||² − Σ_k ||g_k||²) / (K(K-1)),   G = Σ_k g_k
@@ -343,7 +343,7 @@ def gc_loss(
     axis_name: AxisName = None,
     weights: jax.Array | None = None,
 ) -> jax.Array:
-    """Gradient Collision loss (METHODS.md §1.1); NGC with ``normalized=True``.
+    """Gradient Collision loss (docs/methods.md §1.1); NGC with ``normalized=True``.
 
     Args:
       loss_fn: ``loss_fn(params, batch) -> scalar``, a *mean* loss over the examples of ``batch``

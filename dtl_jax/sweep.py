@@ -88,7 +88,7 @@ def run(
 
 
 def plot(summary: dict, path: Path) -> Path:
-    from dtl_jax.report import plt
+    from dtl_jax.report import colours, plt
 
     key = summary["swept"][0]
     xs = [p["values"][key] for p in summary["points"]]
@@ -97,12 +97,13 @@ def plot(summary: dict, path: Path) -> Path:
     except ValueError:
         numeric = list(range(len(xs)))
     methods = [m for m in summary["points"][0]["models"] if m not in ("random_init", "tl")]
+    palette = colours(summary["points"][0]["models"])  # the report's colours
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.0), sharex=True)
     for ax, metric in zip(axes, ("target_acc", "pl_acc")):
         for method in methods:
             ys = [p["models"][method][metric] for p in summary["points"]]
             errors = [p["ci95"][method][metric] for p in summary["points"]] if "ci95" in summary["points"][0] else None
-            ax.errorbar(numeric, ys, yerr=errors, fmt="o-", capsize=3, label=method)
+            ax.errorbar(numeric, ys, yerr=errors, fmt="o-", capsize=3, label=method, color=palette[method])
         for ref, style in (("tl", "--"), ("random_init", ":")):
             ax.axhline(summary["points"][0]["models"][ref][metric], linestyle=style, color="gray", label=ref)
         ax.set(xlabel=key, ylabel=metric, title=f"{metric} against {key}")

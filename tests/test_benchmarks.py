@@ -1,6 +1,7 @@
 """The benchmark scripts keep working: the accelerator suite in its tiny mode (what CI runs on a CPU), the
-per-stage scaling sweep on 1 and 2 CPU devices, and the seeds benchmark on digits. Timings are never
-checked (they depend on the machine); the structure and the counts that do not are."""
+per-stage scaling sweep on 1 and 2 CPU devices, the seeds benchmark on digits and the SOPHON step benchmark in
+its tiny mode. Timings are never checked (they depend on the machine); the structure and the counts that do
+not are."""
 
 import json
 import os
@@ -81,3 +82,19 @@ def test_seeds_benchmark_reports_both_ratios_and_each_seed(tmp_path):
     one = report["one_seed_s"]  # times are rounded to 0.1 s, the ratios computed before rounding
     assert report["warm_cache_ratio"] == pytest.approx(report["second_run_warm_cache_s"] / one, rel=1e-2)
     assert report["many_seeds_ratio"] == pytest.approx(report["many_seeds_s"] / one, rel=1e-2)
+
+
+@pytest.mark.slow
+def test_sophon_step_tiny_times_every_variant(tmp_path):
+    """``sophon_step.py --tiny``: plain, GC and the three SOPHON gradients at each k, the HVP second order
+    equal to the reverse-mode one and the first-order value to the second-order one (float32)."""
+    out = tmp_path / "sophon.json"
+    _run([str(REPO / "benchmarks" / "sophon_step.py"), "--tiny", "--json", str(out)], tmp_path)
+    result = json.loads(out.read_text())
+    names = [r["variant"] for r in result["rows"]]
+    assert names[:2] == ["plain", "gc"]
+    assert sorted(names[2:]) == sorted(f"sophon-{m}-{k}" for m in ("fo", "hvp", "rev") for k in (1, 2))
+    assert all(r["ms"] > 0 and r["ratio"] > 0 for r in result["rows"])
+    sophon = [r for r in result["rows"] if r["variant"].startswith("sophon")]
+    assert all(r["hvp_vs_rev_grad_rel_diff"] < 1e-4 and r["fo_vs_so_value_rel_diff"] < 1e-5 for r in sophon)
+    assert len(result["load_average_before"]) == 3

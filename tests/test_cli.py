@@ -98,7 +98,7 @@ def test_empty_task_and_unwritable_workdir(capsys, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     line = _error_line(capsys, ["run", *TINY, "--workdir", str(blocker / "sub")])
-    assert "cannot be written" in line
+    assert "is a file, expected a folder" in line
 
 
 def test_console_script_prints_no_traceback(tmp_path):
@@ -212,3 +212,54 @@ def test_bad_values_exit_2_with_one_line_before_any_work(capsys, tmp_path, argv)
     line = _error_line(capsys, [*argv, "--workdir", str(tmp_path / "w"), "--quiet"])
     assert "=" in line or "--" in line
     assert not (tmp_path / "w").exists()  # refused before the workdir was claimed
+
+
+def test_config_command_lists_every_key_with_value_comment_and_non_defaults(capsys):
+    from dtl_jax import config as config_lib
+
+    assert (
+        cli.main(["config", "digits", "--set", "disposal.num_chunks=4", "--set", "disposal.source_batch_size=48"]) == 0
+    )
+    out = capsys.readouterr().out
+    lines = {line.split(" = ")[0][2:]: line for line in out.splitlines() if " = " in line and not line.startswith("#")}
+    config = config_lib.apply_overrides(config_lib.load("digits"), ["disposal.num_chunks=4"])
+    assert set(lines) == {key for key, _ in config_lib.fields(config)}  # every key, nothing else
+    gc = lines["disposal.gc_lambda"]  # from the config file: marked, with the default and the field's comment
+    assert gc.startswith("* disposal.gc_lambda = 0.01 ") and "λ for GC and NGC" in gc and "[default: 0.003]" in gc
+    assert lines["disposal.num_chunks"].startswith("* disposal.num_chunks = 4 ")  # from --set
+    assert lines["eval.batch_size"].startswith("  eval.batch_size = 500 ")  # the default: not marked
+    assert lines["disposal.methods"].startswith("  disposal.methods = gc,ngc,rtf,utf,ga ")  # as --set takes it
+    assert "# every random choice derives from it" in lines["seed"]
+    # the multi-line default's comment (after its closing parenthesis) belongs to the section
+    assert "# unlearn.optim: FT, RL, L1-sparse, SalUn, Boundary shrink" in out
+    assert _error_line(capsys, ["config", "--set", "disposal.nope=1"]).endswith("expected one of " + ", ".join(
+        f.name for f in dataclasses.fields(config.disposal)))  # fmt: skip
+
+
+def _flags(parser, path=()):
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _flags(sub, (*path, name))
+        elif not isinstance(action, argparse._HelpAction):
+            yield " ".join(path), action
+
+
+def test_every_flag_has_help_and_every_option_states_its_default():
+    flags = list(_flags(cli._parser()))
+    assert len(flags) > 30
+    for command, action in flags:
+        name = f"dtl-jax {command} {action.option_strings or action.dest}"
+        assert action.help and len(action.help) > 10, name
+        if action.option_strings or action.nargs == "?":
+            assert "default" in action.help, name
+
+
+def test_a_file_as_workdir_says_so(capsys, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    for workdir in (blocker, blocker / "sub"):
+        line = _error_line(capsys, ["run", *TINY, "--workdir", str(workdir)])
+        assert f"{str(blocker)!r} is a file, expected a folder" in line, line

@@ -44,3 +44,29 @@ def test_enable_off_sets_no_directory():
         jnp.ones(3).block_until_ready()
     finally:
         jax.config.update("jax_compilation_cache_dir", before)
+
+
+def test_an_unwritable_cache_warns_and_runs_without_it(tmp_path, capsys):
+    """The cache folder cannot be made (a file is in the way; as root, a read-only folder would still be
+    writable): a one-line warning naming it, and the run goes on without the cache."""
+    from dtl_jax import cli
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    before = jax.config.jax_compilation_cache_dir
+    try:
+        with pytest.warns(UserWarning, match=f"compilation cache '{blocker / 'jax'}' cannot be written"):
+            assert compilation_cache.enable(str(blocker / "jax")) is None
+        assert jax.config.jax_compilation_cache_dir is None
+        # through the CLI: one warning line, then the run's own (here: a user error, after the cache is set up)
+        argv = ["run", "digits", "--quiet", "--workdir", str(tmp_path / "w"),
+                "--set", f"compilation_cache={blocker}/jax", "--set", "data.source.classes=1"]  # fmt: skip
+        with pytest.warns(UserWarning) as caught:
+            assert cli.main(argv) == 2
+        lines = [str(w.message) for w in caught if "compilation cache" in str(w.message)]
+        assert len(lines) == 1 and "\n" not in lines[0]
+        text = __import__("warnings").formatwarning(caught[0].message, caught[0].category, caught[0].filename, 1)
+        assert text.startswith("dtl-jax: warning: compilation cache") and text.count("\n") == 1
+        assert not (tmp_path / "w").exists()  # the failed run left no empty workdir
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)

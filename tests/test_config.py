@@ -72,11 +72,12 @@ def test_every_numeric_field_has_a_range_rule():
 @pytest.mark.parametrize(
     ("assignment", "message"),
     [
-        ("pretrain.learning_rate=nan", "pretrain.learning_rate=nan: expected a positive number"),
-        ("disposal.optim.learning_rate=inf", "disposal.optim.learning_rate=inf: expected a positive number"),
+        ("pretrain.learning_rate=nan", "pretrain.learning_rate=nan: expected a finite positive number"),
+        ("disposal.optim.learning_rate=inf", "disposal.optim.learning_rate=inf: expected a finite positive number"),
         ("eval.batch_size=0", "eval.batch_size=0: expected a number >= 1"),
         ("disposal.max_grad_norm=-1", "disposal.max_grad_norm=-1.0: expected a positive number"),
         ("disposal.gc_lambda=-5", "disposal.gc_lambda=-5.0: expected a non-negative number"),
+        ("disposal.gc_lambda=1e400", "disposal.gc_lambda=inf: expected a finite non-negative number"),
         ("unlearn.forget_fraction=1", "unlearn.forget_fraction=1.0: expected a number in [0, 1)"),
         ("piggyback.shots=5,0", "piggyback.shots=0"),
         ("seed=-1", "seed=-1"),

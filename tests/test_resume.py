@@ -6,9 +6,12 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
+
+from dtl_jax.train import metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = [
@@ -19,9 +22,9 @@ TINY = [
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
-def _cli(args: list[str], workdir: Path, kill_when: str | None = None) -> int:
-    """Runs ``dtl-jax ARGS --workdir WORKDIR``; with ``kill_when`` (a glob under the workdir), SIGKILLs it
-    as soon as that appears. Returns the exit code (asserting success when not killed)."""
+def _cli(args: list[str], workdir: Path, kill_when: str | None = None, sig=signal.SIGKILL) -> int:
+    """Runs ``dtl-jax ARGS --workdir WORKDIR``; with ``kill_when`` (a glob under the workdir), sends it
+    ``sig`` (SIGKILL) as soon as that appears. Returns the exit code (asserting success when not killed)."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "dtl_jax.cli", *args, "--workdir", str(workdir)],
         env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -33,15 +36,25 @@ def _cli(args: list[str], workdir: Path, kill_when: str | None = None) -> int:
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
         if list(workdir.glob(kill_when)):
-            proc.send_signal(signal.SIGKILL)
+            proc.send_signal(sig)
             break
         time.sleep(0.02)
     proc.communicate(timeout=60)
     return proc.returncode
 
 
-def _run(workdir: Path, kill_when: str | None = None) -> int:
-    return _cli(TINY, workdir, kill_when)
+def _run(workdir: Path, kill_when: str | None = None, sig=signal.SIGKILL) -> int:
+    return _cli(TINY, workdir, kill_when, sig)
+
+
+def _logged_once(workdir: Path) -> None:
+    """Every (stage, step) once in metrics.jsonl and in the TensorBoard event file."""
+    rows = [json.loads(line) for line in (workdir / "logs" / "metrics.jsonl").read_text().splitlines()]
+    twice = [key for key, n in Counter((r["stage"], r["step"]) for r in rows).items() if n > 1]
+    assert not twice, f"{len(twice)} (stage, step) logged twice, e.g. {twice[:3]}"
+    events = metrics.read_events(workdir / "logs" / "tensorboard" / metrics.EVENTS)
+    twice = [key for key, n in Counter((tag, step) for tag, step, _ in events).items() if n > 1]
+    assert not twice, f"{len(twice)} (tag, step) events twice, e.g. {twice[:3]}"
 
 
 def _comparable(results: dict) -> dict:
@@ -78,6 +91,23 @@ def test_sigkill_mid_stage_then_resume_gives_the_same_results(tmp_path, uninterr
     metas = [json.loads(p.read_text()) for p in tmp_path.glob(f"checkpoints/{stage}-*/meta.json")]
     assert any(m.get("resumed_from", 0) > 0 for m in metas), "the stage started over instead of resuming"
     assert not list(tmp_path.glob("checkpoints/*.progress"))  # cleaned up once the stages finished
+    _logged_once(tmp_path)
+
+
+@pytest.mark.slow
+def test_ctrl_c_mid_stage_then_resume_logs_every_step_once(tmp_path, uninterrupted):
+    """SIGINT (Ctrl-C) mid pre-training: exit 130 and the message; the resumed run logs each (stage, step)
+    once although the steps after the newest mid-stage checkpoint were logged before the interrupt."""
+    kill_when = "checkpoints/pretrain-*.progress/8"
+    code = _run(tmp_path, kill_when, signal.SIGINT)
+    assert code == 130, f"the run ended ({code}) before it could be interrupted at {kill_when}"
+    before = [json.loads(line)["step"] for line in (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()]
+    _run(tmp_path)
+    meta = [json.loads(p.read_text()) for p in tmp_path.glob("checkpoints/pretrain-*/meta.json")]
+    assert meta and meta[0]["resumed_from"] > 0
+    assert max(before) >= meta[0]["resumed_from"]  # steps were logged up to (or past) the resume point
+    _logged_once(tmp_path)
+    assert _comparable(json.loads((tmp_path / "results.json").read_text())) == uninterrupted
 
 
 UNLEARN = [

@@ -63,14 +63,21 @@ class Network:
         return apply_head(variables["params"]["heads"][head], features), features, batch_stats
 
 
+DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}  # None: no casts (float32, or float64 under x64)
+
+
 def build(config: ModelConfig) -> Network:
-    """The network ``config`` describes (validated by ``dtl_jax.config.validate``)."""
+    """The network ``config`` describes (validated by ``dtl_jax.config.validate``). ``config.dtype`` is the
+    backbone's compute dtype; parameters are float32 either way (``models.backbones``)."""
+    if config.dtype not in DTYPES:
+        raise UserError(f"model.dtype={config.dtype!r}: expected one of {', '.join(DTYPES)}")
+    dtype = DTYPES[config.dtype]
     if config.name == "mlp":
-        return Network(MLP(tuple(config.widths)))
+        return Network(MLP(tuple(config.widths), dtype))
     if config.name == "cnn":
-        return Network(CNN(tuple(config.widths), config.batch_norm))
+        return Network(CNN(tuple(config.widths), config.batch_norm, dtype))
     if config.name == "resnet18":
         if len(config.widths) != 4:
             raise UserError(f"a ResNet-18 has 4 stages: got widths {config.widths}, expected 4 (e.g. 64,128,256,512)")
-        return Network(ResNet18(tuple(config.widths)))
+        return Network(ResNet18(tuple(config.widths), dtype))
     raise UserError(f"unknown model {config.name!r}: expected one of {', '.join(MODELS)}")

@@ -2,6 +2,11 @@
 
 ``train`` switches BatchNorm between batch statistics (and updating the running averages in the
 ``batch_stats`` collection) and the running averages.
+
+``dtype`` is the compute dtype (mixed precision, the flax ImageNet example's ``half_precision``):
+``jnp.bfloat16`` runs every convolution, dense layer and activation in bfloat16 while the parameters
+(``param_dtype``), BatchNorm's statistics (flax reduces them in float32) and the optimiser state stay
+float32; the features are returned in float32, so heads, losses and GC's inner products are float32.
 """
 
 from __future__ import annotations
@@ -58,18 +63,29 @@ def _max_pool_2x2_jvp(primals, tangents):
     return out, jnp.where(take_a, ta, jnp.where(take_b, tb, jnp.where(take_c, tc, td)))
 
 
+def _compute(x: jax.Array, dtype) -> jax.Array:
+    """The input in the compute dtype (unchanged when there is none: float32, or float64 in tests)."""
+    return x if dtype is None else x.astype(dtype)
+
+
+def _features(x: jax.Array, dtype) -> jax.Array:
+    """Features leave a reduced-precision backbone in float32 (heads, losses and GC in float32)."""
+    return x if dtype is None else x.astype(jnp.float32)
+
+
 class MLP(nn.Module):
     """Flatten, then ``Dense -> ReLU`` for each width."""
 
     widths: Sequence[int] = (128, 128)
+    dtype: jnp.dtype | None = None  # compute dtype; None: the inputs' and parameters' own
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         del train
-        x = x.reshape(x.shape[0], -1)
+        x = _compute(x.reshape(x.shape[0], -1), self.dtype)
         for width in self.widths:
-            x = nn.relu(nn.Dense(width)(x))
-        return x
+            x = nn.relu(nn.Dense(width, dtype=self.dtype)(x))
+        return _features(x, self.dtype)
 
 
 class CNN(nn.Module):
@@ -78,32 +94,36 @@ class CNN(nn.Module):
 
     widths: Sequence[int] = (16, 32, 64)
     batch_norm: bool = False
+    dtype: jnp.dtype | None = None  # compute dtype; None: the inputs' and parameters' own
 
     @nn.compact
     def __call__(self, x, train: bool = False):
+        x = _compute(x, self.dtype)
         for width in self.widths:
             for _ in range(2):
-                x = nn.Conv(width, (3, 3), use_bias=not self.batch_norm)(x)
+                x = nn.Conv(width, (3, 3), use_bias=not self.batch_norm, dtype=self.dtype)(x)
                 if self.batch_norm:
-                    x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+                    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype)(x)
                 x = nn.relu(x)
             x = max_pool_2x2(x)
-        return jnp.mean(x, axis=(1, 2))
+        return jnp.mean(_features(x, self.dtype), axis=(1, 2))
 
 
 class BasicBlock(nn.Module):
     width: int
     stride: int = 1
+    dtype: jnp.dtype | None = None  # compute dtype; None: the inputs' and parameters' own
 
     @nn.compact
     def __call__(self, x, train: bool):
-        norm = lambda: nn.BatchNorm(use_running_average=not train, momentum=0.9)  # noqa: E731
-        y = nn.Conv(self.width, (3, 3), (self.stride, self.stride), use_bias=False)(x)
+        norm = lambda: nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype)  # noqa: E731
+        conv = lambda *a, **k: nn.Conv(*a, use_bias=False, dtype=self.dtype, **k)  # noqa: E731
+        y = conv(self.width, (3, 3), (self.stride, self.stride))(x)
         y = nn.relu(norm()(y))
-        y = nn.Conv(self.width, (3, 3), use_bias=False)(y)
+        y = conv(self.width, (3, 3))(y)
         y = norm()(y)
         if self.stride != 1 or x.shape[-1] != self.width:
-            x = nn.Conv(self.width, (1, 1), (self.stride, self.stride), use_bias=False)(x)
+            x = conv(self.width, (1, 1), (self.stride, self.stride))(x)
             x = norm()(x)
         return nn.relu(x + y)
 
@@ -112,12 +132,13 @@ class ResNet18(nn.Module):
     """CIFAR-style ResNet-18: a 3x3 stem (no max-pool), four stages of two basic blocks."""
 
     widths: Sequence[int] = (64, 128, 256, 512)
+    dtype: jnp.dtype | None = None  # compute dtype; None: the inputs' and parameters' own
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        x = nn.Conv(self.widths[0], (3, 3), use_bias=False)(x)
-        x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9)(x))
+        x = nn.Conv(self.widths[0], (3, 3), use_bias=False, dtype=self.dtype)(_compute(x, self.dtype))
+        x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype)(x))
         for stage, width in enumerate(self.widths):
             for block in range(2):
-                x = BasicBlock(width, 2 if stage > 0 and block == 0 else 1)(x, train)
-        return jnp.mean(x, axis=(1, 2))
+                x = BasicBlock(width, 2 if stage > 0 and block == 0 else 1, self.dtype)(x, train)
+        return jnp.mean(_features(x, self.dtype), axis=(1, 2))

@@ -10,6 +10,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from dtl_jax import runtime
 from dtl_jax.checkpoint import Progress
 from dtl_jax.train.metrics import MetricsWriter
 
@@ -53,7 +54,8 @@ def run_steps(
     checkpoint, replaying ``batches`` to the saved position (the streams are seeded, so the resumed run
     sees the same batches as an uninterrupted one and ends with the same state).
 
-    ``writer`` (a ``MetricsWriter``) receives the fetched metrics under the stage name ``desc``.
+    ``writer`` (a ``MetricsWriter``) receives the fetched metrics under the stage name ``desc``; the rows it
+    holds of ``desc`` after the step the stage starts from are dropped first (``MetricsWriter.begin``).
     ``place(*batch)`` (e.g. sharding onto a device mesh) is applied to each batch just before its step,
     so that replaying the stream on resume moves nothing to the devices.
     """
@@ -69,9 +71,12 @@ def run_steps(
             bookkeeping.load(extra["book"], tree["book"])
             for _ in range(start):
                 next(batches)
-    bar = tqdm(
-        total=num_steps, initial=start, desc=desc, disable=quiet, file=sys.stderr, leave=True, dynamic_ncols=True
-    )
+    if hasattr(writer, "begin"):  # a resumed (or re-run) stage drops what it logged after ``start``
+        writer.begin(desc, start)
+    bar = tqdm(  # disable=None: bars on a terminal only (a log file or a pipe gets no bar lines)
+        total=num_steps, initial=start, desc=desc, disable=True if quiet else None, file=sys.stderr, leave=True,
+        dynamic_ncols=True,
+    )  # fmt: skip
     pending: list[tuple[int, dict]] = []
 
     def flush() -> bool:
@@ -91,6 +96,8 @@ def run_steps(
             break
         batch = next(batches)
         state, metrics = step(state, *(place(*batch) if place is not None else batch))
+        if (profiler := runtime.profiler()) is not None:  # --profile: a few steps of each stage
+            profiler.after_step(desc, done, state, last=done == num_steps)
         pending.append((done, metrics))
         bar.update(1)
         if done % log_every == 0 or done == num_steps:
@@ -106,6 +113,8 @@ def run_steps(
             progress.save(done, {"state": state, "book": arrays}, {"done": done, "history": history, "book": book})
     if pending:
         halted = flush()
+    if (profiler := runtime.profiler()) is not None:
+        profiler.close()  # a stage that stopped before its traced steps were done
     bar.close()
     halted_at = int(jax.device_get(state["halted_at"])) if halted else None
     return state, history, halted_at

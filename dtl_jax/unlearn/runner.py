@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from jax import monitoring
 
-from dtl_jax import compilation_cache, runs, seeds
+from dtl_jax import compilation_cache, cpu_conv, runs, runtime, seeds
 from dtl_jax.config import Config, validate
 from dtl_jax.data.tasks import make_task
 from dtl_jax.evaluate import predict
@@ -31,7 +31,7 @@ from dtl_jax.unlearn import registry
 from dtl_jax.unlearn.metrics import gap_to_oracle, unlearning_metrics
 from dtl_jax.unlearn.registry import HEAD, Context
 from dtl_jax.unlearn.scenario import make_scenario
-from dtl_jax.workdir import claim, fingerprint, prepare, versions, write_json
+from dtl_jax.workdir import claim, fingerprint, prepare, provenance, versions, write_json
 
 REFERENCES = ("retrain", "ft")  # paired differences in summary.json are taken against these
 
@@ -97,6 +97,9 @@ def run(
     methods = selected_methods(config)
     compiled = compiled or Compiled()
     compilation_cache.enable(config.compilation_cache)
+    if config.deterministic:
+        runtime.set_deterministic()  # before the first computation; recorded below
+    runtime.start_profiling(config.profile)
     workdir = prepare(Path(workdir), config, "unlearn", overwrite)
     start = time.perf_counter()
     u, d = config.unlearn, config.data
@@ -153,6 +156,7 @@ def run(
         row["gap"] = gap_to_oracle(row, oracle) if oracle and row["ua"] is not None else None
         row["rrt"] = row["rt_s"] / oracle["rt_s"] if oracle and oracle["rt_s"] > 0 else None
     results = {
+        "provenance": provenance(original),  # command, commit, devices, CPU, dtype: the report's header
         "methods": rows,
         "stages": _stages(histories),
         "scenario": {
@@ -163,6 +167,12 @@ def run(
         },
         "config": dataclasses.asdict(config),
         "versions": versions(),
+        "cpu_conv": cpu_conv.record(),
+        "runtime": {
+            "compute_dtype": config.model.dtype,
+            "deterministic": runtime.determinism_record(config.deterministic),
+            "profile": config.profile or None,
+        },
         "seconds": time.perf_counter() - start,
     }
     write_json(workdir / "results.json", results)
