@@ -137,6 +137,17 @@ def _parser(methods: str = "see `dtl-jax unlearn --help`") -> argparse.ArgumentP
     )
     _experiment_args(sweep, "disposal.gc_lambda=0.01,0.1,1", "runs/sweep", "KEY=V1,V2,...", overwrite=False)
 
+    frontier = sub.add_parser(
+        "frontier",
+        help="the trade-off frontier of every disposal loss over seeds: PL cut at each target cost, with intervals",
+        description="For every loss of disposal.methods and every λ on its grid (frontier.<loss>), a disposal "
+        "trajectory whose states are kept every frontier.keep_every steps and attacked; per seed and target-cost "
+        "budget the state selected on validation data, reported on test: WORKDIR/frontier.json, frontier.png.",
+        epilog=FRONTIER_EPILOG,
+        formatter_class=raw,
+    )
+    _experiment_args(frontier, "frontier.gc=0.001,0.01", "runs/frontier")
+
     report = sub.add_parser(
         "report",
         help="plots and a self-contained report.html from a workdir (also written after run/unlearn)",
@@ -183,6 +194,17 @@ def _parser(methods: str = "see `dtl-jax unlearn --help`") -> argparse.ArgumentP
     )
     return parser
 
+
+FRONTIER_EPILOG = """\
+examples:
+  dtl-jax frontier --seeds 0-1                                   # the default config's losses and grids
+  dtl-jax frontier configs/digits.py --seeds 0-1 --workdir runs/f
+  dtl-jax frontier --seeds 100-109 --set disposal.methods=gc,gc_sep,rtf --set frontier.gc=0.001,0.003
+
+Per loss and target-cost budget b (1, 3, 5, 10 points of held-out target accuracy): the PL cut (TL's PL
+accuracy minus the selected state's, test) and the area (mean cut over b = 1..10 points as a fraction of
+TL's headroom over random init), mean ± 95 % CI over the seeds, and paired differences between losses.
+"""
 
 UNLEARN_EPILOG = """\
 examples:
@@ -325,6 +347,21 @@ def main(argv: list[str] | None = None) -> int:
             summary = sweep.run(config, args.overrides, workdir, quiet=args.quiet, seeds=seeds)
             print(sweep.format_table(summary))
             print(f"\nsweep: {os.path.join(workdir, 'sweep.json')}, {os.path.join(workdir, 'sweep.png')}")
+            return 0
+        if args.command == "frontier":
+            config = config_lib.validate(config_lib.apply_overrides(config, _seed_overrides(args) + args.overrides))
+            from dtl_jax import dtl
+
+            workdir = args.workdir or os.path.join(os.path.dirname(config.workdir) or ".", "frontier")
+            fresh = not os.path.lexists(workdir)
+            summary = dtl.run_frontier(
+                config, seeds or [config.seed], workdir, quiet=args.quiet, overwrite=args.overwrite
+            )
+            from dtl_jax.report import write_report
+
+            page = write_report(workdir)
+            print(dtl.format_frontier(summary))
+            print(f"\nfrontier: {os.path.join(workdir, 'frontier.json')}  ({summary['seconds']:.0f} s); report: {page}")
             return 0
         if args.command == "unlearn":
             overrides = _seed_overrides(args) + _unlearn_overrides(args) + args.overrides

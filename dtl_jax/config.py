@@ -87,6 +87,13 @@ class PiggybackConfig(OptimConfig):
     and epochs of every PL run, and the attacker's budgets and draws."""
 
     shots: tuple[int, ...] = ()  # labelled examples a class, one budget each; () = data.piggyback_fraction
+    # How the attacker fine-tunes (docs/methods.md §1.4; NTLBench's four): fresh_all (a fresh head, every layer:
+    # RTAL), fresh_head (a fresh head on frozen features: a linear probe), own_all (the model's own source head,
+    # every layer: FTAL), own_head (its own head only), fresh_all_lr10 (fresh_all at 10x the learning rate).
+    # The first is the headline attack; the rest are evaluated beside it.
+    strategies: tuple[str, ...] = ("fresh_all",)
+    head_learning_rate: float = 0.01  # the head-only strategies: Adam at this rate on frozen features
+    head_epochs: int = 100  # the head-only strategies' epochs (full batch of the labelled draw)
     repeats: int = 3  # attacker draws (labelled subset, fresh head, batch order) averaged per budget
     curve_every: int = 1  # epochs between the PL curve's test evaluations (the last epoch is always measured)
 
@@ -116,6 +123,42 @@ class DisposalConfig:
     devices: int = 0  # devices to shard the disposal step over (0 = all); chunks are split between them
     gc_low_memory: bool = False  # GC/NGC: recompute chunk gradients one at a time (~3 param-sized buffers, slower)
     optim: OptimConfig = OptimConfig(optimizer="sgd", learning_rate=0.01, clip_norm=1.0)  # disposal's optimiser
+    # Losses that clip their terms apart (gc_sep, gc_sep_bound, sophon): each term's gradient is clipped to
+    # this norm before the weights (1, λ) combine them, so λ weighs two bounded directions and the retain
+    # loss keeps its say; optim.clip_norm then clips the sum as for every loss (docs/methods.md §1.1).
+    term_clip: float = 1.0
+    gc_bound: float = 1.0  # gc_bound, gc_sep_bound: GC is replaced by max(GC, -gc_bound) (no push below -m)
+    # SOPHON-style suppression (docs/methods.md §1.5): the loss after simulated fine-tuning on source data
+    sophon_lambda: float = 1.0  # λ for sophon
+    sophon_loss: str = "inverse_ce"  # inverse_ce | inverse_ce_logits | kl_uniform: S, minimised after fine-tuning
+    sophon_steps: int = 3  # k simulated SGD steps; the source batch splits into k + 1 parts (k inner, 1 outer)
+    sophon_learning_rates: tuple[float, ...] = (0.01,)  # one simulated attacker each (their losses averaged)
+    sophon_momentum: float = 0.9  # the simulated attacker's SGD momentum (the piggyback attacker's default)
+    sophon_head: str = "fresh"  # fresh (a new head each step, as piggyback learning) | source (the model's own)
+    sophon_first_order: bool = True  # MAML first order (the reference's); false: the exact gradient (HVPs)
+
+
+@dataclasses.dataclass(frozen=True)
+class FrontierConfig:
+    """The trade-off frontier (docs/methods.md §1.4, ``dtl-jax frontier``): for every disposal loss of
+    disposal.methods, a trajectory per strength λ on its grid below, its states kept every keep_every steps,
+    each attacked; the grids are fixed before any held-out seed runs (experiments/frontier_search.md)."""
+
+    gc: tuple[float, ...] = (0.001, 0.003, 0.01, 0.03)  # λ grid of GC (disposal.gc_lambda)
+    ngc: tuple[float, ...] = (0.1, 1.0, 10.0, 100.0)  # λ grid of NGC
+    gc_sep: tuple[float, ...] = (0.1, 0.3, 1.0, 3.0)  # λ grid of GC with its terms clipped apart
+    gc_bound: tuple[float, ...] = (0.001, 0.003, 0.01, 0.03)  # λ grid of max(GC, -m)
+    gc_sep_bound: tuple[float, ...] = (0.1, 0.3, 1.0, 3.0)  # λ grid of max(GC, -m), terms clipped apart
+    rtf: tuple[float, ...] = (0.1, 0.3, 1.0, 3.0)  # λ grid of RTF (disposal.fooling_lambda)
+    utf: tuple[float, ...] = (0.1, 0.3, 1.0, 3.0)  # λ grid of UTF
+    ga: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3)  # λ grid of GA
+    sophon: tuple[float, ...] = (0.1, 0.3, 1.0, 3.0)  # λ grid of SOPHON (disposal.sophon_lambda)
+    keep_every: int = 25  # keep (and attack) the state every this many disposal steps; step 0 is always kept
+    stop_drop: float = 0.15  # stop a trajectory once its held-out target accuracy falls this far below TL's
+    # The attacker the frontier is drawn against: a piggyback strategy, or "strongest" (per seed, the strategy
+    # of piggyback.strategies with the highest PL accuracy on TL's source validation split: measured, no test)
+    attacker: str = "strongest"
+    repeats: int = 2  # attacker draws averaged per kept state (piggyback.repeats for the selected states)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,6 +256,7 @@ class Config:
         optimizer="sgd", learning_rate=0.003, epochs=50, batch_size=32, shots=(10,), repeats=3, curve_every=5
     )
     eval: EvalConfig = EvalConfig()
+    frontier: FrontierConfig = FrontierConfig()
     unlearn: UnlearnConfig = UnlearnConfig()
 
 
@@ -394,6 +438,18 @@ RULES: tuple[tuple[str, Range], ...] = (
     ("disposal.max_grad_norm", POSITIVE),
     ("disposal.probe_shots", NON_NEGATIVE),
     ("disposal.devices", NON_NEGATIVE),
+    ("disposal.term_clip", POSITIVE),
+    ("disposal.gc_bound", NON_NEGATIVE),
+    ("disposal.sophon_lambda", NON_NEGATIVE),
+    ("disposal.sophon_steps", NON_NEGATIVE),
+    ("disposal.sophon_learning_rates", POSITIVE),
+    ("disposal.sophon_momentum", Range(0, 1, high_open=True)),
+    ("piggyback.head_learning_rate", POSITIVE),
+    ("piggyback.head_epochs", Range(1)),
+    ("frontier.keep_every", Range(1)),
+    ("frontier.stop_drop", POSITIVE),
+    ("frontier.repeats", Range(1)),
+    ("frontier.*", NON_NEGATIVE),  # the λ grids
     ("eval.batch_size", Range(1)),
     ("unlearn.forget_fraction", Range(0, 1, high_open=True)),  # 0 = the scenario's default
     ("unlearn.forget_class", NON_NEGATIVE),
@@ -421,6 +477,10 @@ CHOICES: dict[str, tuple] = {
     "disposal.selection": ("last", "min_probe"),
     "unlearn.scenario": ("random", "partial_class", "full_class"),
     "unlearn.sure_schedule": ("dann", "constant"),
+    "disposal.sophon_loss": ("inverse_ce", "inverse_ce_logits", "kl_uniform"),
+    "disposal.sophon_head": ("fresh", "source"),
+    "piggyback.strategies": ("fresh_all", "fresh_head", "own_all", "own_head", "fresh_all_lr10"),
+    "frontier.attacker": ("strongest", "fresh_all", "fresh_head", "own_all", "own_head", "fresh_all_lr10"),
 }
 MODELS = CHOICES["model.name"]
 
@@ -459,7 +519,8 @@ def _check_field(key: str, value: Any) -> None:
         check_value(key, item, rule)
     choice = next((allowed for pattern, allowed in CHOICES.items() if fnmatch.fnmatchcase(key, pattern)), None)
     if choice is not None:
-        _one_of(key, value, choice)
+        for item in items:  # a tuple field (piggyback.strategies): each of its items
+            _one_of(key, item, choice)
 
 
 def _one_of(key: str, value: Any, allowed: tuple) -> None:
@@ -484,6 +545,13 @@ def validate(config: Config) -> Config:
         raise UserError(
             f"disposal.source_batch_size={d.source_batch_size} is not divisible by disposal.num_chunks={d.num_chunks}"
         )
+    if "sophon" in d.methods and d.source_batch_size % (d.sophon_steps + 1):
+        raise UserError(
+            f"disposal.source_batch_size={d.source_batch_size} does not split into disposal.sophon_steps + 1 = "
+            f"{d.sophon_steps + 1} equal parts (k inner batches and one outer batch): choose sizes that divide"
+        )
+    if not config.piggyback.strategies:
+        raise UserError("piggyback.strategies=(): expected at least one attack, e.g. fresh_all")
     if d.selection == "min_probe" and config.data.val_fraction == 0:
         raise UserError(
             "disposal.selection=min_probe needs a validation split but data.val_fraction=0: "

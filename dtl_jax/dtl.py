@@ -12,15 +12,18 @@ and ``paired`` differences to TL.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from pathlib import Path
 
-from dtl_jax import compilation_cache, cpu_conv, runs, runtime, stages
+from dtl_jax import compilation_cache, cpu_conv, frontier, runs, runtime, stages
 from dtl_jax.config import Config, to_dict
+from dtl_jax.stages import frontier as frontier_stage
 from dtl_jax.summary import format_table as results_table
+from dtl_jax.summary import mean_ci, shown
 from dtl_jax.train.compiled import Compiled
-from dtl_jax.workdir import claim, prepare, provenance, versions, write_json
+from dtl_jax.workdir import claim, prepare, provenance, seed_dir, versions, write_json
 
 REFERENCE = "tl"  # paired differences in summary.json are taken against the TL model
 
@@ -139,3 +142,93 @@ def format_table(results: dict) -> str:
     if "rows" in results:
         return results_table(results["rows"], TABLE_COLUMNS, "model", seeds=results["seeds"])
     return results_table(results["models"], TABLE_COLUMNS, "model", label_width=12, width=12)
+
+
+# ---------------------------------------------------------------------------------------------------
+# `dtl-jax frontier`: the trade-off frontier over seeds (docs/methods.md §1.4)
+
+
+def run_frontier(
+    config: Config,
+    seeds: list[int],
+    workdir: str | os.PathLike,
+    *,
+    quiet: bool = False,
+    overwrite: bool = False,
+    compiled: Compiled | None = None,
+) -> dict:
+    """The frontier of every loss of ``disposal.methods`` on every seed of ``seeds`` (each in
+    ``workdir/seed-<s>``, its stages checkpointed and reused like a run's), then ``workdir/frontier.json``
+    (``dtl_jax.frontier.summarize``: cuts at the target-cost budgets, areas, paired differences between the
+    losses, the points and references; plus every attack strategy's cut at the selected states) and
+    ``workdir/frontier.png``. Returns the summary."""
+    config = stages.check(config)
+    compilation_cache.enable(config.compilation_cache)
+    if config.deterministic:
+        runtime.set_deterministic()
+    runtime.start_profiling(config.profile)
+    workdir = Path(workdir)
+    compiled = compiled or Compiled()
+    begin = time.perf_counter()
+    points: dict[str, list] = {m: [] for m in config.disposal.methods}
+    reference: dict[str, list] = {"tl": [], "random_init": []}
+    per_seed, experiments = {}, {}
+    for seed in seeds:
+        one = dataclasses.replace(config, seed=seed)
+        directory = prepare(seed_dir(workdir, seed), one, "frontier", overwrite)
+        exp = stages.build_experiment(one, directory, quiet, compiled)
+        claim(directory, exp.config, "frontier")
+        tl, _ = stages.transfer(exp, stages.pretrain(exp)[0])
+        result = frontier_stage.run_seed(exp, tl, stages.random_init(exp))
+        write_json(directory / "frontier-seed.json", result)
+        exp.writer.close()
+        for method, rows in result["points"].items():
+            points[method] += rows
+        for name, row in result["reference"].items():
+            reference[name].append(row)
+        per_seed[seed] = result
+        experiments[seed] = (one, directory)
+    summary = frontier.summarize(points, reference)
+    attacks = {}
+    for seed, (one, directory) in experiments.items():  # every strategy against the selected states
+        exp = stages.build_experiment(one, directory, True, compiled)
+        tl, _ = stages.transfer(exp, stages.pretrain(exp)[0])
+        attacks[seed] = frontier_stage.attack_selected(exp, tl, summary["selected"])
+        exp.writer.close()
+    summary["attackers"] = frontier_stage.strategy_cuts(
+        attacks, {s: r["strategies"] for s, r in per_seed.items()}, summary["budgets"]
+    )
+    summary["attacker"] = {str(s): r["attacker"] for s, r in per_seed.items()}
+    summary["strategies"] = {str(s): r["strategies"] for s, r in per_seed.items()}
+    summary["config"] = to_dict(dataclasses.replace(config, seed=seeds[0]))
+    summary["provenance"] = provenance()
+    summary["seconds"] = time.perf_counter() - begin
+    write_json(workdir / "frontier.json", summary)
+    frontier.plot(summary, workdir / "frontier.png")
+    return summary
+
+
+def format_frontier(summary: dict) -> str:
+    """The frontier's table: each loss's PL cut at each target-cost budget and its area (mean ± 95 % CI over
+    seeds), then the paired area differences of the first loss against each other."""
+    budgets = summary["budgets"]
+    header = f"{'loss':<14}" + "".join(f"{'cut @' + format(100 * b, 'g') + ' pts':>18}" for b in budgets)
+    header += f"{'area':>18}"
+    attackers = sorted(set(summary.get("attacker", {}).values()))
+    lines = [f"PL cut (TL's PL accuracy minus the selected state's, test) over seeds {summary['seeds']}; "
+             f"attacker: {', '.join(attackers)}", header, "-" * len(header)]  # fmt: skip
+    for loss, cuts in summary["cut"].items():
+        cells = "".join(f"{mean_ci(cuts[str(b)]):>18}" for b in budgets)
+        lines.append(f"{loss:<14}{cells}{mean_ci(summary['area'][loss]):>18}")
+    losses = list(summary["cut"])
+    if len(losses) > 1:
+        first = losses[0]
+        other = frontier.best_other(summary, first)
+        lines.append("")
+        for loss in losses[1:]:
+            entry, sign = frontier.paired_entry(summary, first, loss)
+            mean = sign * entry["area"]["mean"]
+            flipped = {**entry["area"], "mean": mean}
+            mark = "  (the best other loss)" if loss == other else ""
+            lines.append(f"area {first} − {loss}: {mean_ci(flipped)} ({shown(flipped)}){mark}")
+    return "\n".join(lines)

@@ -89,16 +89,21 @@ class DisposalLoss:
 
     ``family`` names the term function that computes it (``dtl_jax.disposal_objective.TERMS``) and the λ
     it is weighted by: ``collision``, a GC-family loss computed from the chunk gradients
-    (``dtl_jax.gc.gc_loss``), ``normalized`` for NGC; ``fooling``, ``fooling(logits, labels)`` on the whole
-    batch, where ``labels`` are the true labels or (``wrong_labels``) labels drawn uniformly from the other
-    classes for the whole global batch before it is split over devices (so the draw does not depend on the
-    device count).
+    (``dtl_jax.gc.gc_loss``), ``normalized`` for NGC, ``bounded`` for ``max(GC, −m)``
+    (``disposal.gc_bound``); ``fooling``, ``fooling(logits, labels)`` on the whole batch, where ``labels`` are
+    the true labels or (``wrong_labels``) labels drawn uniformly from the other classes for the whole global
+    batch before it is split over devices (so the draw does not depend on the device count); ``sophon``, the
+    suppression loss after simulated fine-tuning (``dtl_jax.sophon``). ``separate_clip``: the retain and
+    unlearning gradients are clipped apart (``disposal.term_clip``) before λ combines them, instead of only
+    their sum (docs/methods.md §1.1).
     """
 
-    family: str = "fooling"  # collision | fooling
+    family: str = "fooling"  # collision | fooling | sophon
     normalized: bool = False
     fooling: Callable[[jax.Array, jax.Array], jax.Array] | None = None
     wrong_labels: bool = False
+    bounded: bool = False
+    separate_clip: bool = False
 
     @property
     def collision(self) -> bool:
@@ -110,6 +115,10 @@ class DisposalLoss:
 DISPOSAL_LOSSES: dict[str, DisposalLoss] = {
     "gc": DisposalLoss("collision"),
     "ngc": DisposalLoss("collision", normalized=True),
+    "gc_sep": DisposalLoss("collision", separate_clip=True),
+    "gc_bound": DisposalLoss("collision", bounded=True),
+    "gc_sep_bound": DisposalLoss("collision", bounded=True, separate_clip=True),
+    "sophon": DisposalLoss("sophon", separate_clip=True),
     "rtf": DisposalLoss(fooling=cross_entropy, wrong_labels=True),
     "utf": DisposalLoss(fooling=lambda logits, labels: uniform_target_fooling(logits)),
     "ga": DisposalLoss(fooling=gradient_ascent),

@@ -561,6 +561,8 @@ def write_report(workdir: str | Path) -> Path:
     ``summary.json``); returns the page's path."""
     workdir = Path(workdir)
     path = workdir / "results.json"
+    if not path.is_file() and (workdir / "frontier.json").is_file():
+        return write_frontier_report(workdir)
     if not path.is_file() and (workdir / "summary.json").is_file():
         return write_summary_report(workdir)
     if not path.is_file():
@@ -693,3 +695,38 @@ def write_summary_report(workdir: Path) -> Path:
                         "Mean over seeds with its 95 % interval; TL dashed, random init dotted."))  # fmt: skip
     how = "Each cell: mean ± the half-width of the Student-t 95 % interval over the seeds."
     return _page(workdir, title, head, _summary_table(summary, columns), how, figures)
+
+
+def write_frontier_report(workdir: Path) -> Path:
+    """The report of ``dtl-jax frontier`` (``frontier.json``): the header, each loss's PL cut at every
+    target-cost budget and its area with their intervals, every attack strategy's cut at the selected
+    states, and the frontier figure."""
+    from dtl_jax import frontier
+    from dtl_jax.summary import mean_ci
+
+    summary = json.loads((workdir / "frontier.json").read_text())
+    budgets = summary["budgets"]
+    seeds = ", ".join(map(str, summary["seeds"]))
+    head = header({**summary, "config": summary.get("config", {})}, workdir, "frontier", seeds)
+    cells = ["<tr><th>loss</th>" + "".join(f"<th>cut @ {100 * b:g} pts</th>" for b in budgets) + "<th>area</th></tr>"]
+    for loss, cuts in summary["cut"].items():
+        row = "".join(f"<td>{mean_ci(cuts[str(b)])}</td>" for b in budgets)
+        cells.append(f"<tr><th>{html.escape(loss)}</th>{row}<td>{mean_ci(summary['area'][loss])}</td></tr>")
+    for strategy, per_loss in summary.get("attackers", {}).items():
+        cells.append(f'<tr><th colspan="{len(budgets) + 2}">attack: {html.escape(strategy)}</th></tr>')
+        for loss, cuts in per_loss.items():
+            row = "".join(f"<td>{mean_ci(cuts[str(b)])}</td>" for b in budgets)
+            cells.append(f"<tr><th>{html.escape(loss)}</th>{row}<td></td></tr>")
+    table = "<table>" + "".join(cells) + "</table>"
+    png = workdir / "frontier.png"
+    frontier.plot(summary, png, colours(list(summary["points"])))
+    attackers = ", ".join(sorted(set(summary.get("attacker", {}).values())))
+    how = (f"PL cut = TL's PL accuracy minus that of the disposal state selected on validation data for the "
+           f"target cost allowed (held-out target accuracy at most b below TL's), reported on test, mean ± 95 % "
+           f"interval over the seeds; area = the mean cut over b = 1..10 points as a fraction of TL's headroom over "
+           f"random init. The frontier's attacker: {attackers}; the rows under 'attack:' are every strategy "
+           f"against the same selected states.")  # fmt: skip
+    figures = [("The trade-off frontier", png, "Left: the cut at each target cost (mean and 95 % band over seeds, "
+                "paired per seed); TL at 0, random init at the whole headroom. Right: every kept state of every "
+                "seed.")]  # fmt: skip
+    return _page(workdir, "Disposal trade-off frontier", head, table, how, figures)

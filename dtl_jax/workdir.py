@@ -34,13 +34,21 @@ from dtl_jax.errors import UserError
 SECTIONS = {
     "run": ("seed", "data", "model", "pretrain", "transfer", "disposal", "piggyback", "eval"),
     "unlearn": ("seed", "data", "model", "eval", "unlearn"),
+    "frontier": ("seed", "data", "model", "pretrain", "transfer", "disposal", "piggyback", "eval", "frontier"),
 }
 
 
 # Keys that only choose what runs, per command: changing them keeps a workdir's finished stages valid.
 # ``piggyback.shots`` counts only while its first budget (the headline PL accuracy, and the labelled draw
 # of disposal's held-out probe) is unchanged.
-SELECTION = {"run": ("disposal.methods", "piggyback.shots"), "unlearn": ("unlearn.methods",)}
+SELECTION = {
+    "run": ("disposal.methods", "piggyback.shots"),
+    "unlearn": ("unlearn.methods",),
+    # a frontier with other losses, attack strategies or λ grids reuses every trajectory it shares
+    "frontier": ("disposal.methods", "piggyback.shots", "piggyback.strategies", *(
+        f"frontier.{name}" for name in ("gc", "ngc", "gc_sep", "gc_bound", "gc_sep_bound", "rtf", "utf", "ga", "sophon")
+    )),
+}
 
 
 def seed_dir(workdir: str | os.PathLike, seed: int) -> Path:

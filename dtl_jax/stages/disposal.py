@@ -103,12 +103,65 @@ def probe_shots(exp: Experiment) -> int:
     return budgets(exp.source, (shots,) if shots else (), exp.config.data.piggyback_fraction)[0]
 
 
-def program_key(d: DisposalConfig) -> tuple:
-    """What of ``disposal`` shapes the disposal step's program: the objective's settings, the optimiser
-    (with the step count only where its schedule reads it) and the divergence bound. Not λ, which is an
-    argument of the step (``disposal_objective.weights``)."""
-    return (d.retain, d.temperature, d.num_chunks, d.gc_params, d.gc_low_memory, d.max_grad_norm,
-            shapes_program(d.optim, d.steps))  # fmt: skip
+def program_key(d: DisposalConfig, method: str = "gc") -> tuple:
+    """What of ``disposal`` shapes ``method``'s disposal step's program: its objective's settings
+    (``DisposalObjective.settings``: only its family's), the optimiser (with the step count only where its
+    schedule reads it) and the divergence bound. Not λ, which is an argument of the step
+    (``disposal_objective.weights``)."""
+    objective = DisposalObjective.from_config(None, method, d)
+    return (objective.settings(), d.max_grad_norm, shapes_program(d.optim, d.steps))
+
+
+def program(exp: Experiment, method: str):
+    """``(tx, step)``: ``method``'s jitted disposal step and its optimiser, compiled once per program key for
+    every seed, λ and trajectory that share ``exp.compiled``."""
+    d = exp.config.disposal
+
+    def build_step():
+        tx = make_optimizer(d.optim, d.steps)
+        objective = DisposalObjective.from_config(exp.network, method, d)
+        return tx, disposal_step(objective, tx, exp.mesh, d.max_grad_norm)
+
+    return exp.compiled.get(("disposal", exp.config.model, method, program_key(d, method), exp.mesh), build_step)
+
+
+def batches(exp: Experiment, method: str):
+    """The disposal stage's stream of ``(source batch, target batch)``: class-chunked source batches for the
+    GC family with ``chunking=by_class``, shuffled ones otherwise; the target batches at the transfer
+    stage's batch size. Seeded, so every trajectory of one seed sees the same batches."""
+    c, d, data = exp.config, exp.config.disposal, exp.config.data
+    source_seed = exp.stream("disposal-source-batches")
+    if disposal_loss(method).collision and d.chunking == "by_class":
+        source_batches = pipeline.class_chunked_batches(
+            exp.source.train, d.source_batch_size, d.num_chunks, source_seed, mean=data.mean, std=data.std,
+            flip=data.flip,
+        )  # fmt: skip
+    else:
+        source_batches = pipeline.shuffled_batches(
+            exp.source.train, d.source_batch_size, source_seed, mean=data.mean, std=data.std, flip=data.flip
+        )
+    target_batches = exp.batches(exp.target.train, c.transfer.batch_size, "disposal-target-batches")
+    return zip(source_batches, target_batches)
+
+
+def run_disposal(exp: Experiment, method: str, start: dict, teacher, lam: float, stage: CheckpointedStage, *,
+                 desc: str, monitor: Bookkeeping, on_check, every: int):  # fmt: skip
+    """Runs ``disposal.steps`` steps of ``method`` at strength ``lam`` from ``start`` (``teacher`` placed on
+    the mesh), checkpointed in ``stage``; ``on_check(state, done)`` every ``every`` steps (True stops).
+    Returns ``(state, history, halted_at)`` of ``train.loop.run_steps``."""
+    d = exp.config.disposal
+    tx, step = program(exp, method)
+    dtype = jax.tree.leaves(start["params"])[0].dtype
+    loss_weights = disposal_weights(exp.mesh, {"retain": 1.0, "unlearn": float(lam)}, dtype)  # placed once
+    state = steps.init_state(start, tx, exp.stream("disposal-rng"), exp.mesh)
+    parts = DisposalObjective.from_config(None, method, d).num_chunks
+    with stage.progress() as progress:
+        return loop.run_steps(
+            lambda state, s, t: step(state, teacher, loss_weights, s, t), state, batches(exp, method),
+            d.steps, desc=desc, every=every, on_check=on_check, quiet=exp.quiet,
+            progress=progress, bookkeeping=monitor, writer=exp.writer,
+            place=lambda s, t: place_disposal_batches(exp.mesh, parts, s, t),
+        )  # fmt: skip
 
 
 def dispose(exp: Experiment, method: str, tl: dict) -> tuple[dict, dict]:
@@ -123,41 +176,16 @@ def dispose(exp: Experiment, method: str, tl: dict) -> tuple[dict, dict]:
 
 
 def _dispose(exp: Experiment, method: str, tl: dict, stage: CheckpointedStage) -> tuple[dict, dict]:
-    c = exp.config
-    d = c.disposal
+    d = exp.config.disposal
     start_time = time.perf_counter()
     teacher = steps.replicate(exp.mesh, tl)  # an argument of the step: the seeds share its program
     start = refit_source_head(exp, tl)[0] if d.refit_source_head else tl
-
-    def build_step():
-        tx = make_optimizer(d.optim, d.steps)
-        objective = DisposalObjective.from_config(exp.network, method, d)
-        return tx, disposal_step(objective, tx, exp.mesh, d.max_grad_norm)
-
-    tx, step = exp.compiled.get(("disposal", c.model, method, program_key(d), exp.mesh), build_step)
-    dtype = jax.tree.leaves(tl["params"])[0].dtype
-    loss_weights = disposal_weights(exp.mesh, weights(method, d), dtype)  # λ: an argument, placed once
-    state = steps.init_state(start, tx, exp.stream("disposal-rng"), exp.mesh)
-    data = c.data
-    source_seed = exp.stream("disposal-source-batches")
-    if disposal_loss(method).collision and d.chunking == "by_class":
-        source_batches = pipeline.class_chunked_batches(
-            exp.source.train, d.source_batch_size, d.num_chunks, source_seed, mean=data.mean, std=data.std,
-            flip=data.flip,
-        )  # fmt: skip
-    else:
-        source_batches = pipeline.shuffled_batches(
-            exp.source.train, d.source_batch_size, source_seed, mean=data.mean, std=data.std, flip=data.flip
-        )
-    target_batches = exp.batches(exp.target.train, c.transfer.batch_size, "disposal-target-batches")
     monitor = DisposalMonitor(exp, start, teacher)
-    with stage.progress() as progress:
-        state, history, halted_at = loop.run_steps(
-            lambda state, s, t: step(state, teacher, loss_weights, s, t), state, zip(source_batches, target_batches),
-            d.steps, desc=f"disposal {method}", every=d.eval_every, on_check=monitor.on_check, quiet=exp.quiet,
-            progress=progress, bookkeeping=monitor, writer=exp.writer,
-            place=lambda s, t: place_disposal_batches(exp.mesh, d.num_chunks, s, t),
-        )  # fmt: skip
+    lam = weights(method, d)["unlearn"]
+    state, history, halted_at = run_disposal(
+        exp, method, start, teacher, lam, stage, desc=f"disposal {method}", monitor=monitor,
+        on_check=monitor.on_check, every=d.eval_every,
+    )  # fmt: skip
     meta = {
         "method": method,
         "history": history,

@@ -41,8 +41,36 @@ STAGE_FIELDS: dict[str, tuple[str, ...]] = {
     ),  # fmt: skip
     "disposal:collision": ("disposal.gc_lambda", "disposal.num_chunks", "disposal.chunking", "disposal.gc_params"),
     "disposal:fooling": ("disposal.fooling_lambda",),
+    "disposal:sophon": (
+        "disposal.sophon_lambda",
+        "disposal.sophon_loss",
+        "disposal.sophon_steps",
+        "disposal.sophon_learning_rates",
+        "disposal.sophon_momentum",
+        "disposal.sophon_head",
+        "disposal.sophon_first_order",
+    ),  # fmt: skip
+    "disposal:bounded": ("disposal.gc_bound",),
+    "disposal:separate_clip": ("disposal.term_clip",),
+    # a frontier trajectory (dtl_jax.stages.frontier): disposal without its stopping rule and selection, its
+    # λ an extra of the key, its states kept every frontier.keep_every steps
+    "trajectory": (
+        "disposal.retain",
+        "disposal.temperature",
+        "disposal.source_batch_size",
+        "disposal.steps",
+        "disposal.max_grad_norm",
+        "disposal.refit_source_head",
+        "disposal.optim",
+        "frontier.keep_every",
+        "frontier.stop_drop",
+    ),  # fmt: skip
     "piggyback": ("data.piggyback", "piggyback.curve_every", *(f"piggyback.{name}" for name in _OPTIM)),
+    "piggyback:head": ("data.piggyback", "piggyback.head_learning_rate", "piggyback.head_epochs"),
 }
+
+# The config field of each family's λ: a trajectory's λ is an extra of its key, not this field.
+_LAMBDA_FIELDS = {"disposal.gc_lambda", "disposal.fooling_lambda", "disposal.sophon_lambda"}
 
 # The module each stage runs; its code version covers every package module it imports (``code_version``).
 STAGE_MODULES: dict[str, str] = {
@@ -51,6 +79,7 @@ STAGE_MODULES: dict[str, str] = {
     "refit": "dtl_jax.stages.supervised",
     "random_init": "dtl_jax.stages.piggyback",
     "disposal": "dtl_jax.stages.disposal",
+    "trajectory": "dtl_jax.stages.frontier",
     "piggyback": "dtl_jax.stages.piggyback",
 }
 
@@ -62,30 +91,47 @@ def _get(config, dotted: str):
     return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
 
 
-def stage_inputs(config: Config, stage: str, method: str = "", **extra) -> dict:
+def _loss_fields(method: str) -> list[str]:
+    """The config fields a disposal loss reads besides the stage's own: its family's, and its variants'."""
+    loss = disposal_loss(method)
+    fields = list(STAGE_FIELDS[f"disposal:{loss.family}"])
+    if loss.bounded:
+        fields += STAGE_FIELDS["disposal:bounded"]
+    if loss.separate_clip:
+        fields += STAGE_FIELDS["disposal:separate_clip"]
+    return fields
+
+
+def stage_inputs(config: Config, stage: str, method: str = "", after: str | None = None, **extra) -> dict:
     """What ``stage`` (for ``method``: a disposal method, or the model a PL run starts from) reads: its
-    config fields, the key of the stage it starts from and its code's version."""
+    config fields, the key of the stage it starts from (``after``, when not the usual one: a frontier state
+    attacked by piggyback learning) and its code's version."""
     fields = list(STAGE_FIELDS[stage])
-    after = None
+    start = None
     if stage == "transfer":
-        after = stage_key(config, "pretrain")
+        start = stage_key(config, "pretrain")
     elif stage == "refit":
-        after = stage_key(config, "transfer")
+        start = stage_key(config, "transfer")
     elif stage == "disposal":
-        fields += STAGE_FIELDS[f"disposal:{disposal_loss(method).family}"]
-        after = stage_key(config, "refit" if config.disposal.refit_source_head else "transfer")
+        fields += _loss_fields(method)
+        start = stage_key(config, "refit" if config.disposal.refit_source_head else "transfer")
+    elif stage == "trajectory":
+        fields += [f for f in _loss_fields(method) if f not in _LAMBDA_FIELDS]
+        start = stage_key(config, "refit" if config.disposal.refit_source_head else "transfer")
     elif stage == "piggyback":
-        after = model_key(config, method)
+        if extra.get("strategy", "").endswith("_head"):
+            fields = list(STAGE_FIELDS["piggyback:head"])
+        start = after or model_key(config, method)
     inputs = {name: _get(config, name) for name in fields}
     code = code_version(STAGE_MODULES[stage])
-    return {"stage": stage, "method": method, "after": after, "fields": inputs, "code": code, **extra}
+    return {"stage": stage, "method": method, "after": start, "fields": inputs, "code": code, **extra}
 
 
-def stage_key(config: Config, stage: str, method: str = "", **extra) -> str:
+def stage_key(config: Config, stage: str, method: str = "", after: str | None = None, **extra) -> str:
     """``<stage>[-<method>]-<hash of stage_inputs>``: the stage's checkpoint folder name."""
     name = f"{stage}-{method}" if method else stage
     suffix = "".join(f"-{k}{v}" for k, v in extra.items())
-    return f"{name}{suffix}-{fingerprint(stage_inputs(config, stage, method, **extra))}"
+    return f"{name}{suffix}-{fingerprint(stage_inputs(config, stage, method, after, **extra))}"
 
 
 def model_key(config: Config, model: str) -> str:

@@ -15,13 +15,14 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dtl_jax.disposal_objective import DisposalObjective, combine, weights
 from dtl_jax.models import Network
 from dtl_jax.train import steps
-from dtl_jax.train.mesh import AXIS, chunk_layout, padded_rows
+from dtl_jax.train.mesh import AXIS, ChunkLayout, chunk_layout, padded_rows
 
 
 def disposal_step(objective: DisposalObjective, tx, mesh: Mesh | None = None, max_grad_norm: float = math.inf):
@@ -51,24 +52,50 @@ def disposal_step(objective: DisposalObjective, tx, mesh: Mesh | None = None, ma
     mesh = mesh if mesh is not None else Mesh(np.array(jax.devices()[:1]), (AXIS,))
     devices = int(mesh.devices.size)
 
-    def local(layout, params, batch_stats, teacher, weights, source, target):
+    def local(layout, params, batch_stats, teacher, weights, key, source, target):
         axes = layout.axes
         varying = jax.lax.pcast(params, axes, to="varying")  # local gradients: no implicit psum
 
-        def share(p):
-            """This device's share of the objective: a term that varies over the devices is its share of
-            the global term already (the batches carry their global weights); one that does not (GC,
-            computed across the devices) counts ``1/N`` on each."""
-            terms, stats = objective.terms(p, batch_stats, teacher, source, target, layout.axis_name)
-            shares = {name: value if _varies(value, axes) or devices == 1 else value / devices
-                      for name, value in terms.items()}  # fmt: skip
-            return combine(weights, shares), (terms, stats)
+        def own_share(value):
+            """This device's share of a term: a term that varies over the devices is its share of the global
+            term already (the batches carry their global weights); one that does not (GC, computed across
+            the devices) counts ``1/N`` on each."""
+            return value if _varies(value, axes) or devices == 1 else value / devices
 
-        (_, (terms, stats)), grads = jax.value_and_grad(share, has_aux=True)(varying)
-        grads = jax.lax.psum(grads, axes)  # the one fused all-reduce of the gradients
+        def share(p):
+            terms, stats = objective.terms(p, batch_stats, teacher, source, target, layout.axis_name, key)
+            return combine(weights, {name: own_share(value) for name, value in terms.items()}), (terms, stats)
+
+        extra = {}
+        if objective.loss.separate_clip:
+            # Each term's gradient on its own (two backward passes, no wasted work), clipped to
+            # ``term_clip`` before the weights combine them: λ weighs two bounded directions.
+            def retain_share(p):
+                value, stats = objective.retain_term(p, batch_stats, teacher, source, target)
+                return own_share(value), (value, stats)
+
+            def unlearn_share(p):
+                value = objective.unlearn_term(p, batch_stats, source, layout.axis_name, key)
+                return own_share(value), value
+
+            (_, (retain, stats)), retain_grads = jax.value_and_grad(retain_share, has_aux=True)(varying)
+            (_, unlearn), unlearn_grads = jax.value_and_grad(unlearn_share, has_aux=True)(varying)
+            terms = {"retain": retain, "unlearn": unlearn}
+            parts = {"retain": jax.lax.psum(retain_grads, axes), "unlearn": jax.lax.psum(unlearn_grads, axes)}
+            for name, part in parts.items():
+                norm = optax.global_norm(part)
+                extra[f"{name}_grad_norm"] = norm
+                parts[name] = jax.tree.map(
+                    lambda g, n=norm: g * jnp.minimum(1.0, objective.term_clip / (n + 1e-12)), part
+                )
+            grads = jax.tree.map(lambda r, u: weights["retain"] * r + weights["unlearn"] * u, parts["retain"],
+                                 parts["unlearn"])  # fmt: skip
+        else:
+            (_, (terms, stats)), grads = jax.value_and_grad(share, has_aux=True)(varying)
+            grads = jax.lax.psum(grads, axes)  # the one fused all-reduce of the gradients
         terms = {name: jax.lax.psum(value, axes) if _varies(value, axes) else value for name, value in terms.items()}
         stats = jax.lax.pmean(stats, axes)
-        return combine(weights, terms), grads, stats, terms
+        return combine(weights, terms), grads, stats, {**terms, **extra}
 
     def lay_out(batch, rows, mask, size):
         if rows is not None:
@@ -84,16 +111,22 @@ def disposal_step(objective: DisposalObjective, tx, mesh: Mesh | None = None, ma
         source = objective.prepare_source(key, source_batch, num_source)
         target = {"image": target_batch["image"], "label": target_batch["label"]}
         n_source, n_target = source["label"].shape[0], target["label"].shape[0]
-        layout = chunk_layout(devices, objective.num_chunks, n_source)
+        if objective.loss.family == "sophon":  # every device holds a part of each of the k + 1 parts
+            layout = ChunkLayout(objective.num_chunks, n_source // objective.num_chunks, 1, devices)
+        else:
+            layout = chunk_layout(devices, objective.num_chunks, n_source)
         source = lay_out(source, *layout.source_rows(), n_source)
         target = lay_out(target, *padded_rows(n_target, devices), n_target)
         sharded = jax.shard_map(
             lambda *args: local(layout, *args),
             mesh=layout.grid(mesh),
-            in_specs=(P(), P(), P(), P(), P(layout.axes), P(layout.axes)),
+            in_specs=(P(), P(), P(), P(), P(), P(layout.axes), P(layout.axes)),
             out_specs=(P(), P(), P(), P()),
         )
-        loss, grads, stats, terms = sharded(state["params"], state["batch_stats"], teacher, weights, source, target)
+        head_key = jax.random.fold_in(key, 1)  # the sophon family's fresh head (RTF's labels used ``key``)
+        loss, grads, stats, terms = sharded(
+            state["params"], state["batch_stats"], teacher, weights, head_key, source, target
+        )
         new, metrics = steps.guarded_update(state, grads, loss, stats, rng, tx, max_grad_norm)
         return new, {**metrics, **terms}
 
