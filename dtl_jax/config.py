@@ -131,7 +131,7 @@ class DisposalConfig:
     # SOPHON-style suppression (docs/methods.md §1.5): the loss after simulated fine-tuning on source data
     sophon_lambda: float = 1.0  # λ for sophon
     sophon_loss: str = "inverse_ce"  # inverse_ce | inverse_ce_logits | kl_uniform: S, minimised after fine-tuning
-    sophon_steps: int = 3  # k simulated SGD steps; the source batch splits into k + 1 parts (k inner, 1 outer)
+    sophon_steps: int = 4  # k simulated SGD steps; the source batch splits into k + 1 parts (k inner, 1 outer)
     sophon_learning_rates: tuple[float, ...] = (0.01,)  # one simulated attacker each (their losses averaged)
     sophon_momentum: float = 0.9  # the simulated attacker's SGD momentum (the piggyback attacker's default)
     sophon_head: str = "fresh"  # fresh (a new head each step, as piggyback learning) | source (the model's own)

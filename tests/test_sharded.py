@@ -58,11 +58,19 @@ CASES = {
     "gc_k2": ("gc", 2, 32, 16, False, "tgt_kd", (4,)),
     "ga_ce": ("ga", 4, 32, 16, False, "ce", (3,)),
     "ngc_k5_src_kd": ("ngc", 5, 40, 16, False, "src_kd", (3,)),
+    # terms clipped apart (two gradient all-reduces), bounded GC, SOPHON (k = K - 1 simulated steps, each with
+    # an all-reduce of its gradient; every device holds a part of each of the K parts: a 1 x N layout)
+    "gc_sep": ("gc_sep", 4, 32, 16, False, "tgt_kd", (2, 3)),
+    "gc_sep_bound": ("gc_sep_bound", 4, 32, 16, False, "ce", (4,)),
+    "sophon": ("sophon", 4, 32, 16, False, "tgt_kd", (2, 3)),
+    "sophon_source_head": ("sophon", 4, 32, 16, False, "ce", (4,)),
 }
-FAST = {("gc", 3), ("gc", 4), ("gc_k2", 4), ("rtf", 3)}  # the fast tier: padded, whole chunks, 2-D, fooling
+FAST = {("gc", 3), ("gc", 4), ("gc_k2", 4), ("rtf", 3), ("gc_sep", 3), ("sophon", 3)}  # padded, 2-D, each family
 RUNS = [
     pytest.param(name, n, marks=() if (name, n) in FAST else slow) for name, case in CASES.items() for n in case[-1]
 ]
+# The all-reduce counts the chunk layout states are GC's and the fooling losses' (one gradient sum).
+COMMUNICATION = [p for p in RUNS if CASES[p.values[0]][0] in ("gc", "ngc", "rtf", "utf", "ga")]
 
 
 @functools.cache
@@ -87,7 +95,10 @@ def _batches(k: int, n_source: int, n_target: int):
 def _config(name: str) -> DisposalConfig:
     method, k, n_source, _, _, retain, _ = CASES[name]
     return DisposalConfig(num_chunks=k, source_batch_size=n_source, gc_lambda=0.5, fooling_lambda=0.5, retain=retain,
-                          optim=OptimConfig(optimizer="sgd", learning_rate=0.05, clip_norm=1.0))  # fmt: skip
+                          optim=OptimConfig(optimizer="sgd", learning_rate=0.05, clip_norm=1.0),
+                          term_clip=0.05, gc_bound=0.001, sophon_lambda=0.5, sophon_steps=k - 1,
+                          sophon_learning_rates=(0.5, 0.2), sophon_first_order=False,
+                          sophon_head="source" if name == "sophon_source_head" else "fresh")  # fmt: skip
 
 
 @functools.cache
@@ -147,7 +158,7 @@ def test_n_devices_equal_one(name, devices):
         assert np.max(np.abs(a - b)) <= 1e-5 * np.max(np.abs(a)) + 1e-7
 
 
-@pytest.mark.parametrize(("name", "devices"), RUNS)
+@pytest.mark.parametrize(("name", "devices"), COMMUNICATION)
 def test_communication_is_what_the_layout_states(name, devices):
     """The parameter-size all-reduces of the compiled step are those ``ChunkLayout.all_reduces`` states, and
     all-reduces carry as many elements in all as it states plus a few scalars. (XLA may send the target

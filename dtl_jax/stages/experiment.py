@@ -36,6 +36,13 @@ def check(config: Config) -> Config:
     refuse a DTL run before it loads data."""
     config = validate(config)
     disposal_losses(config)
+    strategies = {*config.piggyback.strategies, config.frontier.attacker}
+    own = sorted(s for s in strategies if s.startswith("own_"))
+    if own and config.data.piggyback.dataset:
+        raise UserError(
+            f"piggyback.strategies={','.join(own)}: the attacker's own source head needs the source task as the "
+            f"piggyback data, but data.piggyback.dataset={config.data.piggyback.dataset!r}: use fresh_* strategies"
+        )
     return config
 
 
