@@ -195,9 +195,8 @@ def run_frontier(
         tl, _ = stages.transfer(exp, stages.pretrain(exp)[0])
         attacks[seed] = frontier_stage.attack_selected(exp, tl, summary["selected"])
         exp.writer.close()
-    summary["attackers"] = frontier_stage.strategy_cuts(
-        attacks, {s: r["strategies"] for s, r in per_seed.items()}, summary["budgets"]
-    )
+    cuts = frontier_stage.strategy_cuts(attacks, {s: r["strategies"] for s, r in per_seed.items()}, summary["budgets"])
+    summary["attackers"], summary["worst_case"] = cuts["by_strategy"], cuts["worst_case"]
     summary["attacker"] = {str(s): r["attacker"] for s, r in per_seed.items()}
     summary["strategies"] = {str(s): r["strategies"] for s, r in per_seed.items()}
     summary["config"] = to_dict(dataclasses.replace(config, seed=seeds[0]))
@@ -220,6 +219,10 @@ def format_frontier(summary: dict) -> str:
     for loss, cuts in summary["cut"].items():
         cells = "".join(f"{mean_ci(cuts[str(b)]):>18}" for b in budgets)
         lines.append(f"{loss:<14}{cells}{mean_ci(summary['area'][loss]):>18}")
+    if summary.get("worst_case") and len(summary.get("attackers", {})) > 1:
+        lines += ["", f"the worst case over the attacks {', '.join(summary['attackers'])} at the same selected states:"]
+        for loss, cuts in summary["worst_case"].items():
+            lines.append(f"{loss:<14}" + "".join(f"{mean_ci(cuts[str(b)]):>18}" for b in budgets))
     losses = list(summary["cut"])
     if len(losses) > 1:
         first = losses[0]

@@ -712,7 +712,10 @@ def write_frontier_report(workdir: Path) -> Path:
     for loss, cuts in summary["cut"].items():
         row = "".join(f"<td>{mean_ci(cuts[str(b)])}</td>" for b in budgets)
         cells.append(f"<tr><th>{html.escape(loss)}</th>{row}<td>{mean_ci(summary['area'][loss])}</td></tr>")
-    for strategy, per_loss in summary.get("attackers", {}).items():
+    blocks = list(summary.get("attackers", {}).items())
+    if summary.get("worst_case") and len(blocks) > 1:
+        blocks.append(("the worst case of them", summary["worst_case"]))
+    for strategy, per_loss in blocks:
         cells.append(f'<tr><th colspan="{len(budgets) + 2}">attack: {html.escape(strategy)}</th></tr>')
         for loss, cuts in per_loss.items():
             row = "".join(f"<td>{mean_ci(cuts[str(b)])}</td>" for b in budgets)

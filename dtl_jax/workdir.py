@@ -45,9 +45,15 @@ SELECTION = {
     "run": ("disposal.methods", "piggyback.shots"),
     "unlearn": ("unlearn.methods",),
     # a frontier with other losses, attack strategies or λ grids reuses every trajectory it shares
-    "frontier": ("disposal.methods", "piggyback.shots", "piggyback.strategies", *(
-        f"frontier.{name}" for name in ("gc", "ngc", "gc_sep", "gc_bound", "gc_sep_bound", "rtf", "utf", "ga", "sophon")
-    )),
+    "frontier": (
+        "disposal.methods",
+        "piggyback.shots",
+        "piggyback.strategies",
+        *(
+            f"frontier.{name}"
+            for name in ("gc", "ngc", "gc_sep", "gc_bound", "gc_sep_bound", "rtf", "utf", "ga", "sophon")
+        ),
+    ),
 }
 
 

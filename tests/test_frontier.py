@@ -99,3 +99,21 @@ def test_plot_writes_a_png(tmp_path):
     data = (tmp_path / "frontier.png").read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
     assert math.isfinite(s["area"]["gc"]["mean"])
+
+
+def test_strategy_cuts_and_the_worst_case():
+    from dtl_jax.stages.frontier import strategy_cuts
+
+    def state(pl):
+        return {"seed": 0, "lambda": 1.0, "step": 10, "pl_val": pl, "pl_acc": pl}
+
+    attacks = {
+        0: {"a": {"gc": {"0.01": state(0.40)}}, "b": {"gc": {"0.01": state(0.30)}}},
+        1: {"a": {"gc": {"0.01": state(0.50)}}, "b": {"gc": {"0.01": state(0.45)}}},
+    }
+    strategies = {0: {"a": {"tl": {"pl_acc": 0.50}}, "b": {"tl": {"pl_acc": 0.32}}},
+                  1: {"a": {"tl": {"pl_acc": 0.55}}, "b": {"tl": {"pl_acc": 0.50}}}}  # fmt: skip
+    out = strategy_cuts(attacks, strategies, [0.01])
+    assert out["by_strategy"]["a"]["gc"]["0.01"]["values"] == pytest.approx([0.10, 0.05])
+    assert out["by_strategy"]["b"]["gc"]["0.01"]["values"] == pytest.approx([0.02, 0.05])
+    assert out["worst_case"]["gc"]["0.01"]["values"] == pytest.approx([0.02, 0.05])

@@ -46,7 +46,7 @@ def test_frontier_on_digits_writes_the_schema_and_agrees_with_its_points(tmp_pat
     assert set(summary["reference"]) == {"tl", "random_init"}
     again = frontier.summarize(summary["points"], summary["reference"], summary["budgets"])
     assert again["cut"] == summary["cut"] and again["area"] == summary["area"] and again["paired"] == summary["paired"]
-    assert set(summary["attackers"]) == {"fresh_all", "own_head"}
+    assert set(summary["attackers"]) == {"fresh_all", "own_head"} and set(summary["worst_case"]) == set(losses)
     assert set(summary["attacker"].values()) <= {"fresh_all", "own_head"}
     png = (workdir / "frontier.png").read_bytes()
     assert png[:4] == b"\x89PNG"

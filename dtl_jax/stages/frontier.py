@@ -210,23 +210,36 @@ def attack_selected(exp: Experiment, tl: dict, selected: dict) -> dict:
 
 
 def strategy_cuts(per_seed_attacks: dict[int, dict], per_seed_strategies: dict[int, dict], budgets) -> dict:
-    """Each strategy's cut at the selected states over seeds: ``{strategy: {loss: {"<b>": describe}}}``, the
-    cut being that strategy's PL accuracy on TL minus on the selected state (test)."""
+    """Each strategy's cut at the selected states over seeds, and the worst case: ``{"by_strategy":
+    {strategy: {loss: {"<b>": describe}}}, "worst_case": {loss: {"<b>": describe}}}``. A strategy's cut is
+    its PL accuracy on TL minus on the selected state (test); the worst case, per seed, the smallest cut
+    over the strategies (a defence is as strong as the attack it stops least)."""
     from dtl_jax.summary import describe
 
     seeds = sorted(per_seed_attacks)
-    strategies = list(per_seed_attacks[seeds[0]]) if seeds else []
-    out = {}
+    if not seeds:
+        return {"by_strategy": {}, "worst_case": {}}
+    strategies = list(per_seed_attacks[seeds[0]])
+    losses = list(per_seed_attacks[seeds[0]][strategies[0]]) if strategies else []
+    values: dict = {}  # (strategy, loss, b) -> per-seed cut or None
     for strategy in strategies:
-        out[strategy] = {}
-        losses = list(per_seed_attacks[seeds[0]][strategy])
         for loss in losses:
-            out[strategy][loss] = {}
             for b in budgets:
-                values = []
+                row = []
                 for s in seeds:
                     entry = per_seed_attacks[s][strategy].get(loss, {}).get(str(b))
                     tl = per_seed_strategies[s].get(strategy, {}).get("tl")
-                    values.append(None if entry is None or tl is None else tl["pl_acc"] - entry["pl_acc"])
-                out[strategy][loss][str(b)] = describe(values)
-    return out
+                    row.append(None if entry is None or tl is None else tl["pl_acc"] - entry["pl_acc"])
+                values[(strategy, loss, b)] = row
+    by_strategy = {st: {loss: {str(b): describe(values[(st, loss, b)]) for b in budgets} for loss in losses}
+                   for st in strategies}  # fmt: skip
+    worst = {}
+    for loss in losses:
+        worst[loss] = {}
+        for b in budgets:
+            per_seed = []
+            for i in range(len(seeds)):
+                cuts = [values[(st, loss, b)][i] for st in strategies]
+                per_seed.append(None if any(c is None for c in cuts) else min(cuts))
+            worst[loss][str(b)] = describe(per_seed)
+    return {"by_strategy": by_strategy, "worst_case": worst}
