@@ -116,3 +116,16 @@ def test_gpu_study_tiny_mode_reports_after_every_piece(tmp_path):
     assert stopped.returncode == 0, stopped.stderr[-2000:]
     record = json.loads((tmp_path / "none" / "study.json").read_text())
     assert record["stopped_by_budget"] and record["pieces"] == []
+
+
+@pytest.mark.slow
+def test_a_trajectory_that_keeps_nothing_is_saved_and_restored(tmp_path):
+    """GA at λ = 1e9 diverges at its first step (the guard halts it): the trajectory keeps no state, its
+    frontier is the starting point alone, and a second run restores it instead of failing."""
+    argv = ["frontier", "digits", "--seeds", "0", "--workdir", str(tmp_path / "w"), "--quiet",
+            "--set", "disposal.methods=ga", "--set", "frontier.ga=1e9", "--set", "frontier.keep_every=3"]  # fmt: skip
+    for _ in range(2):
+        _cli(argv)
+        summary = json.loads((tmp_path / "w" / "frontier.json").read_text())
+        assert [(p["lambda"], p["step"]) for p in summary["points"]["ga"]] == [(0.0, 0)]
+        assert summary["cut"]["ga"]["0.01"]["values"] == [pytest.approx(0.0)]

@@ -23,6 +23,7 @@ import json
 import time
 
 import jax
+import numpy as np
 
 from dtl_jax.data.tasks import budgets
 from dtl_jax.stages.disposal import run_disposal
@@ -61,6 +62,8 @@ class TrajectoryMonitor(Bookkeeping):
     def on_check(self, state: dict, done: int) -> bool:
         if done % self.every or len(self.kept) >= self.slots:
             return False
+        if bool(jax.device_get(state["halted"])):  # the divergence guard stopped it: nothing new to keep
+            return True
         variables = jax.device_get(steps.variables_of(state))
         target_val = self.exp.accuracy(steps.replicate(self.exp.mesh, variables), self.exp.target.val, "target")
         self.arrays[f"slot{len(self.kept)}"] = variables
@@ -85,7 +88,8 @@ def trajectory(exp: Experiment, method: str, lam: float, start: dict, teacher, t
     stage = exp.stage(stage_key(exp.config, "trajectory", method, lam=lam))
     if stage.done:  # the kept steps are in the finished stage's meta: they give the saved tree its shape
         meta = json.loads((stage.directory / "meta.json").read_text())
-        tree, meta = stage.restore({f"slot{i}": start for i in range(len(meta["kept"]))})
+        like = {f"slot{i}": start for i in range(len(meta["kept"]))} or {"none": np.zeros((), np.float32)}
+        tree, meta = stage.restore(like)
         return [(k["step"], tree[f"slot{i}"]) for i, k in enumerate(meta["kept"])], meta
 
     def compute(stage: CheckpointedStage):
@@ -96,6 +100,7 @@ def trajectory(exp: Experiment, method: str, lam: float, start: dict, teacher, t
             on_check=monitor.on_check, every=monitor.every,
         )  # fmt: skip
         tree = {f"slot{i}": monitor.arrays[f"slot{i}"] for i in range(len(monitor.kept))}
+        tree = tree or {"none": np.zeros((), np.float32)}  # orbax saves no empty tree: a trajectory that kept nothing
         meta = {"method": method, "lambda": lam, "kept": monitor.kept, "stopped_at": monitor.stopped_at,
                 "halted_at": halted_at, "history": history, "seconds": time.perf_counter() - begin}  # fmt: skip
         return tree, meta
