@@ -59,7 +59,7 @@ CASES = {
     "ga_ce": ("ga", 4, 32, 16, False, "ce", (3,)),
     "ngc_k5_src_kd": ("ngc", 5, 40, 16, False, "src_kd", (3,)),
 }
-FAST = {("gc", 3), ("gc", 4), ("gc_k2", 4), ("rtf", 3)}  # the fast tier: padded, whole chunks, 2-D, fooling
+FAST = {("gc", 3), ("gc", 4)}  # the fast tier: chunks split and padded (1x3), whole chunks a device (4x1)
 RUNS = [
     pytest.param(name, n, marks=() if (name, n) in FAST else slow) for name, case in CASES.items() for n in case[-1]
 ]
