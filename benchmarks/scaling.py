@@ -13,7 +13,7 @@ global-norm clipping) over a ``data_mesh(N)`` and measures:
   as the target head's bias at the TL state);
 * the all-reduces in the compiled HLO and their element counts (tuple all-reduces summed), against
   those the step's chunk layout states (``dtl_jax.train.mesh.ChunkLayout.all_reduces``): where ``N``
-  divides ``K`` exactly two of parameter size per step (METHODS.md §1.1, Distributed), ``G`` (over the
+  divides ``K`` exactly two of parameter size per step (docs/methods.md §1.1, Distributed), ``G`` (over the
   parameters that enter ``g_k``) and the fused gradient ``psum`` (over all parameters), plus scalars;
   otherwise chunks x examples in two dimensions, two or three (``benchmarks/gc_communication.py``).
 

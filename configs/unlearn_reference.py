@@ -1,4 +1,4 @@
-"""The unlearning baselines at their references' settings (METHODS.md §2.2; OPTML-Group/Unlearn-Sparse and
+"""The unlearning baselines at their references' settings (docs/methods.md §2.2; OPTML-Group/Unlearn-Sparse and
 Unlearn-Saliency ``arg_parser.py``, meghdadk/SCRUB, the Boundary Unlearning release) on the embedded default
 task::
 

@@ -80,7 +80,7 @@ def per_example_loss(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 
 def loss_threshold_mia(member_loss: np.ndarray, nonmember_loss: np.ndarray, seed: int = 0) -> float:
-    """Yeom et al. (METHODS.md §2.3): call an example a member iff its loss is below the mean member
+    """Yeom et al. (docs/methods.md §2.3): call an example a member iff its loss is below the mean member
     (training) loss; return the attack's accuracy on a balanced set (the larger group is subsampled,
     seeded). 0.5 is chance; 1.0 a perfect attack.
 

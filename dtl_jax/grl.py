@@ -1,4 +1,4 @@
-"""Gradient reversal layer (METHODS.md §2.1, DANN): identity forward, ``-alpha ×`` cotangent backward.
+"""Gradient reversal layer (docs/methods.md §2.1, DANN): identity forward, ``-alpha ×`` cotangent backward.
 
 ``R_α(x) = x`` and ``∂R_α/∂x = -α I``. Placed between the feature extractor and the domain classifier,
 it lets one minimisation train the domain classifier to separate forget from validation representations

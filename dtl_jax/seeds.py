@@ -1,4 +1,4 @@
-"""Independent random streams, one per purpose (METHODS.md §3).
+"""Independent random streams, one per purpose (docs/methods.md §3).
 
 A run's ``seed`` is expanded with ``numpy.random.SeedSequence([seed, purpose_id, *index])`` into one
 integer seed per purpose (a data split, a stage's initialisation, a stage's batch order, an attacker's

@@ -1,4 +1,4 @@
-"""Results over seeds (METHODS.md §3): means with 95 % Student-t intervals, and paired differences.
+"""Results over seeds (docs/methods.md §3): means with 95 % Student-t intervals, and paired differences.
 
 A claim is a statement about the distribution over seeds. For every row (a model of ``dtl-jax run``, a
 method of ``dtl-jax unlearn``) and every scalar metric, ``describe`` gives::

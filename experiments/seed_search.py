@@ -1,4 +1,4 @@
-"""The default-config search over seeds (METHODS.md §3), validation metrics only.
+"""The default-config search over seeds (docs/methods.md §3), validation metrics only.
 
 For every setting of a small grid, GC disposal runs on the tuning seeds (default 0-4) through
 ``dtl.run_seeds`` in one workdir, so pre-training, transfer, TL and random-init PL are computed once per

@@ -20,7 +20,7 @@ the representation attack with D_h as non-members). The original model, Retrain 
 per seed on that scenario. For each SURE setting and seed:
 
     gap5 = mean |SURE − Retrain| over UA, RA, VA, MIA-eff_v, rep-MIA_v       (the objective, per seed)
-    gap4 = the same without rep-MIA_v (METHODS.md's gap with D_h for the test set)
+    gap4 = the same without rep-MIA_v (docs/methods.md's gap with D_h for the test set)
 
 and the summary gives the mean over seeds with a 95 % Student-t interval (n − 1 dof), the paired
 differences to FT (gap5, rep-MIA_v), UA's standard deviation over seeds against Retrain's, and the

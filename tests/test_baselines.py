@@ -1,4 +1,4 @@
-"""The unlearning baselines as their references wrote them (METHODS.md §2.2-2.3, issue 11): data flow
+"""The unlearning baselines as their references wrote them (docs/methods.md §2.2-2.3, issue 11): data flow
 (every example once an epoch), SCRUB's one optimiser and two batch sizes, L1-sparse's per-epoch α, SalUn's
 exactly-k mask, Boundary shrink's pixel-space FGSM, MIA-efficacy against scikit-learn, the reference preset.
 

@@ -1,4 +1,4 @@
-"""Gradient reversal layer and the DANN schedule (METHODS.md §2.1), jitted and not (``chex.variants``)."""
+"""Gradient reversal layer and the DANN schedule (docs/methods.md §2.1), jitted and not (``chex.variants``)."""
 
 import chex
 import jax

@@ -1,4 +1,4 @@
-"""Seeds (METHODS.md §3): independent streams per purpose, several seeds in one process, summaries."""
+"""Seeds (docs/methods.md §3): independent streams per purpose, several seeds in one process, summaries."""
 
 import dataclasses
 import json

@@ -1,4 +1,4 @@
-"""SURE (METHODS.md §2.1): the domain classifier, the balanced domain loss, the reversed gradient, the
+"""SURE (docs/methods.md §2.1): the domain classifier, the balanced domain loss, the reversed gradient, the
 per-step diagnostics, the report panel, and stability over seeds."""
 
 import dataclasses

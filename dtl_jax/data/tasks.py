@@ -97,7 +97,7 @@ def make_task(name: str, task: TaskConfig, data: DataConfig, seed: int) -> Task:
 
 
 def attacker_task(source: Task, data: DataConfig, seed: int) -> Task:
-    """The task the attacker piggybacks on (METHODS.md §1, stage 4): the source task itself (protocol
+    """The task the attacker piggybacks on (docs/methods.md §1, stage 4): the source task itself (protocol
     (a): few-shot subsets of its training data, tested on its test set), or a new downstream task when
     ``data.piggyback.dataset`` is set (protocol (b)); ``seed`` draws that task's validation split."""
     return source if not data.piggyback.dataset else make_task("piggyback", data.piggyback, data, seed)

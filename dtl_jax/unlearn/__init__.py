@@ -1,1 +1,1 @@
-"""Selective unlearning (METHODS.md §2): scenarios, SURE and the baselines, metrics, the runner."""
+"""Selective unlearning (docs/methods.md §2): scenarios, SURE and the baselines, metrics, the runner."""

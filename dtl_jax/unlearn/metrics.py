@@ -1,4 +1,4 @@
-"""Unlearning metrics (METHODS.md §2.3). Inputs are per-example model outputs; attacks use scikit-learn.
+"""Unlearning metrics (docs/methods.md §2.3). Inputs are per-example model outputs; attacks use scikit-learn.
 
 Conventions: every metric is a fraction in [0, 1]. Members are retain examples, non-members test
 examples. MIA-efficacy follows its reference exactly (OPTML-Group ``evaluation/SVC_MIA.py`` as called by
@@ -43,7 +43,7 @@ def _balanced(members: np.ndarray, nonmembers: np.ndarray, seed: int, cap: int =
 
 
 def mia_efficacy(retain_conf: np.ndarray, test_conf: np.ndarray, forget_conf: np.ndarray) -> float:
-    """SalUn / L1-sparse MIA-efficacy (METHODS.md §2.3): an SVM (``SVC(C=3, gamma="auto", kernel="rbf")``)
+    """SalUn / L1-sparse MIA-efficacy (docs/methods.md §2.3): an SVM (``SVC(C=3, gamma="auto", kernel="rbf")``)
     on the true-label confidence, fitted on the first ``n = len(test_conf)`` retain examples (members,
     label 1; all of them if there are fewer) against the whole test set (non-members, label 0); returns the
     fraction of the forget set it predicts non-member (higher = more forgotten). Deterministic: no sampling.

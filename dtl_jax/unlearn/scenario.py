@@ -1,4 +1,4 @@
-"""Unlearning scenarios (METHODS.md §2): forget / retain / validation / test splits, seeded.
+"""Unlearning scenarios (docs/methods.md §2): forget / retain / validation / test splits, seeded.
 
 The training pool is the task's training data (its own validation split included). ``D_v`` has the
 forget set's distribution and is never trained on:

@@ -1,4 +1,4 @@
-"""SURE (METHODS.md §2.1): domain-adversarial unlearning in representation space.
+"""SURE (docs/methods.md §2.1): domain-adversarial unlearning in representation space.
 
 ``G_f`` is the backbone, ``G_y`` the ``"classes"`` head, ``G_d`` an MLP domain classifier on the pooled
 features (``unlearn.sure_domain_depth`` hidden layers of ``unlearn.sure_domain_width`` units, ReLU,
