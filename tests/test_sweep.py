@@ -44,6 +44,7 @@ def _compiles(workdir, lambdas: str) -> int:
     """Programs compiled by ``dtl-jax sweep configs/digits.py`` over ``disposal.gc_lambda=lambdas`` (GC
     only), in a fresh process with ``JAX_LOG_COMPILES=1`` and the persistent compilation cache off."""
     import os
+    import re
     import subprocess
     import sys
     from pathlib import Path
@@ -55,7 +56,8 @@ def _compiles(workdir, lambdas: str) -> int:
     proc = subprocess.run([sys.executable, "-m", "dtl_jax.cli", *argv], env=env, capture_output=True, text=True,
                           timeout=1200)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return sum(line.startswith("Compiling ") for line in proc.stderr.splitlines())
+    # JAX logs "Compiling jit(<name>) with global shapes ..." (through absl: "WARNING:...:Compiling ...")
+    return sum(re.search(r"(^|:)Compiling ", line) is not None for line in proc.stderr.splitlines())
 
 
 @pytest.mark.slow
