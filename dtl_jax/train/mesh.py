@@ -183,6 +183,21 @@ def place_disposal_batches(mesh: Mesh, num_chunks: int, source: dict, target: di
     )
 
 
+def place_like(tree, like):
+    """``tree`` (host arrays, e.g. a restored checkpoint) placed as the arrays of ``like`` are: each leaf
+    with its counterpart's sharding (a host leaf of ``like`` leaves its counterpart as it is). In a
+    multi-process job every process holds the same values (``jax.make_array_from_process_local_data``)."""
+
+    def place(x, reference):
+        if not isinstance(reference, jax.Array):
+            return x
+        if jax.process_count() == 1:
+            return jax.device_put(x, reference.sharding)
+        return jax.make_array_from_process_local_data(reference.sharding, np.asarray(x))
+
+    return jax.tree.map(place, tree, like)
+
+
 def replicate_batch(mesh: Mesh, batch: dict) -> dict:
     """Places a global batch whole on every device of ``mesh`` (every process holds the whole batch)."""
     sharding = NamedSharding(mesh, P())
