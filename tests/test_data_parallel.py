@@ -154,7 +154,7 @@ def _case(name: str, n: int, fast: bool = False):
     return pytest.param(name, n, marks=() if fast else slow)
 
 
-CASES = [_case(name, n, fast=(name, n) in {("mlp", 3), ("bn", 4), ("bn", 3)}) for name in MODELS for n in DEVICES]
+CASES = [_case(name, n, fast=(name, n) in {("mlp", 3), ("bn", 4)}) for name in MODELS for n in DEVICES]
 
 
 @pytest.mark.parametrize(("name", "devices"), CASES)

@@ -51,7 +51,7 @@ def _pad(batch: dict, rows: np.ndarray, size: int) -> dict:
     return {**{k: v[rows] for k, v in batch.items()}, "weight": np.where(real, 1.0 / size, 0.0).astype(np.float32)}
 
 
-FAST = {("gc", "tgt_kd"), ("rtf", "ce")}
+FAST = {("gc", "tgt_kd")}  # the other losses: the slow tier
 CASES = [
     pytest.param(method, retain, marks=() if (method, retain) in FAST else pytest.mark.slow)
     for method, retain in [("gc", "tgt_kd"), ("ngc", "ce"), ("rtf", "ce"), ("utf", "src_kd"), ("ga", "tgt_kd")]
