@@ -317,7 +317,7 @@ def test_end_to_end_on_four_devices_equals_one(tmp_path, kind):
     else:
         with default_devices(1):
             one = runner.run(tiny_unlearn_config(), tmp_path / "1", quiet=True)
-        with jax.transfer_guard_device_to_device("disallow"):
+        with default_devices(4), jax.transfer_guard_device_to_device("disallow"):
             four = runner.run(tiny_unlearn_config(), tmp_path / "4", quiet=True)
         table, keys = "methods", UNLEARN_KEYS
     _compare(one, four, table, keys, 0.02)

@@ -21,19 +21,26 @@ AXIS = "data"
 CHUNKS, EXAMPLES = "chunks", "examples"  # the disposal step's 2-D view of the "data" axis
 
 
-_DEFAULT_DEVICES = [0]  # what data_mesh(0) means: 0 = every device (``default_devices`` changes it)
+_DEFAULT_DEVICES = [0]  # what data_mesh(0) means: 0 = every device (``set_default_devices`` changes it)
+
+
+def set_default_devices(devices: int) -> int:
+    """From now on ``data_mesh()`` (and so every step built without a mesh of its own: the DTL stages with
+    ``disposal.devices=0``, the unlearning methods and their evaluation) uses the first ``devices`` devices
+    (0: all of them); returns the previous setting."""
+    before = _DEFAULT_DEVICES[0]
+    _DEFAULT_DEVICES[0] = devices
+    return before
 
 
 @contextlib.contextmanager
 def default_devices(devices: int):
-    """Within the block, ``data_mesh()`` (and so every step built without a mesh of its own: the unlearning
-    methods' and their evaluation) uses the first ``devices`` devices instead of all of them."""
-    before = _DEFAULT_DEVICES[0]
-    _DEFAULT_DEVICES[0] = devices
+    """``set_default_devices(devices)`` within the block only."""
+    before = set_default_devices(devices)
     try:
         yield
     finally:
-        _DEFAULT_DEVICES[0] = before
+        set_default_devices(before)
 
 
 def data_mesh(devices: int = 0) -> Mesh:
