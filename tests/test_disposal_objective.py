@@ -88,6 +88,7 @@ def test_padding_weighted_zero_changes_no_term(method, retain):
         assert padded[name] == pytest.approx(plain[name], rel=1e-5), name
 
 
+@pytest.mark.slow
 def test_the_objective_is_retain_plus_lambda_unlearn_and_linear_in_lambda():
     network, variables, source, target = _setup()
     objective = _objective(network, "gc", "tgt_kd")
