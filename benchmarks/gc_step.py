@@ -17,9 +17,8 @@ GC (docs/methods.md §1.1) over ``K`` contiguous chunks of the same batch. Varia
 
 Every variant's gradient is checked against ``jvp``'s. Median of repeats after a warm-up (compilation
 excluded), ``block_until_ready`` on every step. Targets: ``jvp`` at most 1.6 (issue 2), 1.5 (issue 4) plain
-steps for the small CNN, K = 4, batch 128. Measured 1.97-2.12 since the plain step lost its
-``select_and_scatter`` pool gradient (95 → 65 ms); its floor is about 1.8: the K chunk gradients cost 0.9 of
-a plain step and the K tangent passes about as much.
+steps for the small CNN, K = 4, batch 128. The measured ratios are in the README's benchmark tables, not
+here: they move with the code and the machine.
 
     python benchmarks/gc_step.py                                   # small CNN, K=4, batch 128, 32x32
     python benchmarks/gc_step.py --models mlp,cnn --batches 64,256 --chunks 2,8 --variants jvp,vmap

@@ -47,9 +47,14 @@ def source(module: str) -> str:
 
 def imports(module: str) -> set[str]:
     """The package modules ``module`` imports (``from a.b import c`` counts ``a.b.c`` if that is a module)."""
+    return set(_imports(module, source(module)))
+
+
+@functools.cache
+def _imports(module: str, text: str) -> frozenset[str]:
     known = package_modules()
     path = known[module]
-    tree = ast.parse(source(module), str(path))
+    tree = ast.parse(text, str(path))
     anchor = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
     out = set()
     for node in ast.walk(tree):
@@ -64,7 +69,7 @@ def imports(module: str) -> set[str]:
         else:
             continue
         out |= {target for name in names if (target := _resolve(name, known)) not in (None, module)}
-    return out
+    return frozenset(out)
 
 
 # Modules that decide where and how results are kept or shown, not what they are: left out of a stage's
@@ -100,7 +105,12 @@ def _without_docstrings(tree: ast.AST) -> ast.AST:
 
 def module_code(module: str) -> str:
     """The code of one module: its syntax tree without docstrings, dumped (no line numbers)."""
-    return ast.dump(_without_docstrings(ast.parse(source(module))))
+    return _code(source(module))
+
+
+@functools.cache
+def _code(text: str) -> str:
+    return ast.dump(_without_docstrings(ast.parse(text)))
 
 
 @functools.cache

@@ -201,7 +201,7 @@ def _after(carry, params, chunk):
     (so one chunk's buffers are alive at a time), and a gradient recomputed in the backward pass is not
     merged with the forward pass's (which would keep every ``g_k`` alive). ``lax.optimization_barrier``
     says this but XLA:CPU drops it before common-subexpression elimination (jaxlib 0.10.2), and a
-    ``lax.scan`` over chunks put convolution weight gradients in a loop body, which XLA:CPU ran 50x slower.
+    ``lax.scan`` over chunks put convolution weight gradients in a loop body, which XLA:CPU runs far slower.
     So the dependency is data: ``0·Σ carry`` (a scalar; XLA does not fold a floating-point ``0·s``, which
     is NaN for infinite ``s``) is added to the chunk's floating-point leaves, or to the parameters if it
     has none. ``x + 0`` is ``x`` bit for bit (up to the sign of a zero); a non-finite ``carry`` makes the
@@ -367,10 +367,9 @@ def gc_loss(
       low_memory: keep no chunk gradients between the forward and the backward pass. The forward pass
         visits the chunks one after another keeping only ``G`` (``U``) and the norms; the backward pass
         recomputes each ``g_k`` inside its HVP. Temporary memory falls from about ``2K+1``
-        parameter-sized buffers plus every chunk's activations to about 3 plus one chunk's
-        (``benchmarks/memory.py``, K = 4: MLP 8.1x → 3.4x a plain step, small CNN 2.35x → 0.63x,
-        ResNet-18 2.63x → 0.92x); the time rises by ``K`` chunk gradients (1.2x the default for the
-        small CNN, 1.45-1.65x for the MLP). ``hvp`` is ignored (always ``"jvp"``).
+        parameter-sized buffers plus every chunk's activations to about 3 plus one chunk's; the time
+        rises by ``K`` chunk gradients (``benchmarks/memory.py`` and ``benchmarks/gc_step.py`` measure
+        both). ``hvp`` is ignored (always ``"jvp"``).
       axis_name: ``None`` (one device), or, inside ``jax.shard_map``, where the chunks live:
 
         * ``"chunks"``: the chunks are spread over that mesh axis of size ``c`` (``c`` divides ``K``);

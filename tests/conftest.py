@@ -2,11 +2,12 @@
 
 JAX fixes its device count when its backend starts, so this file, which pytest imports before any test,
 asks for ``DEVICES`` CPU devices first (unless ``JAX_NUM_CPU_DEVICES`` is already set, e.g. by a test that
-starts pytest in a subprocess): multi-device behaviour (sharded steps, data-parallel stages) is then tested
-in-process, in the fast tier. Runs use every device by default (``train.mesh.data_mesh()``), so the tests'
-DTL and unlearning runs are 4-device runs; a test that needs one device builds a 1-device mesh
-(``data_mesh(1)``) or sets ``disposal.devices=1``. Subprocesses started by tests keep JAX's default of one
-device unless they ask for more.
+starts pytest in a subprocess): multi-device behaviour (sharded steps, data-parallel stages) is tested
+in-process, in the fast tier. The *default* mesh stays one device (``mesh.set_default_devices(1)``), so that
+every other test runs as on a one-device machine (the same programs, results and cost as before); a test
+about several devices asks for them: a mesh of its own (``data_mesh(n)``), ``disposal.devices=n`` or
+``mesh.default_devices(n)`` (the ``all_devices`` fixture). Subprocesses started by tests keep JAX's default
+of one device unless they ask for more.
 """
 
 import dataclasses
@@ -17,9 +18,20 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+from dtl_jax.train import mesh  # noqa: E402
+
 DEVICES = 4
 if "JAX_NUM_CPU_DEVICES" not in os.environ:
     jax.config.update("jax_num_cpu_devices", DEVICES)
+    mesh.set_default_devices(1)
+
+
+@pytest.fixture
+def all_devices():
+    """Within the test, steps built without a mesh of their own run on every device."""
+    with mesh.default_devices(jax.device_count()):
+        yield jax.device_count()
+
 
 from dtl_jax.config import Config, DataConfig, ModelConfig, OptimConfig, PiggybackConfig, TaskConfig  # noqa: E402
 

@@ -23,6 +23,7 @@ from dtl_jax.data.sources import ImageSplit
 from dtl_jax.data.tasks import make_task
 from dtl_jax.models import build
 from dtl_jax.train import steps
+from dtl_jax.train.mesh import default_devices
 from dtl_jax.unlearn import metrics
 from dtl_jax.unlearn.registry import HEAD, Context, load_methods
 from dtl_jax.unlearn.scenario import make_scenario
@@ -64,6 +65,14 @@ def trained():
     everything = dataclasses.replace(scenario, retain=scenario.train)
     original = load_methods()["retrain"](dataclasses.replace(ctx, scenario=everything))
     return config, network, scenario, original
+
+
+@pytest.fixture(params=[1, 4], ids=["1-device", "4-devices"])
+def devices(request):
+    """The preprocessing passes (SalUn's saliency, Boundary shrink's labels) on one device and on four: the
+    steps built without a mesh of their own run on that many (``mesh.default_devices``)."""
+    with default_devices(request.param):
+        yield request.param
 
 
 def context(trained, seed=1, **changes) -> Context:
@@ -223,7 +232,7 @@ def test_scrub_divergence_halts_every_later_phase(trained):
 
 
 @pytest.mark.slow
-def test_salun_selects_exactly_k_weights_under_ties(trained):
+def test_salun_selects_exactly_k_weights_under_ties(trained, devices):
     from dtl_jax.unlearn.methods.salun import saliency_mask
 
     config, network, scenario, original = trained
@@ -263,7 +272,7 @@ def reference_mask(ctx: Context, sparsity: float) -> np.ndarray:
 
 
 @pytest.mark.slow
-def test_salun_mask_is_the_reference_ranking_and_ignores_eval_batch_size(trained):
+def test_salun_mask_is_the_reference_ranking_and_ignores_eval_batch_size(trained, devices):
     from dtl_jax.unlearn.methods.salun import saliency_mask
 
     config, network, scenario, original = trained
@@ -301,7 +310,7 @@ def test_fgsm_neighbour_steps_exactly_epsilon_in_pixel_space_then_clamps_and_rou
 
 
 @pytest.mark.slow
-def test_boundary_neighbour_labels_match_the_reference_procedure(trained):
+def test_boundary_neighbour_labels_match_the_reference_procedure(trained, devices):
     from dtl_jax.unlearn.methods.boundary_shrink import neighbour_labels
 
     config, network, scenario, original = trained
@@ -325,9 +334,9 @@ def test_boundary_neighbour_labels_match_the_reference_procedure(trained):
 
 
 @pytest.mark.slow
-def test_salun_and_boundary_preprocessing_run_on_every_device(trained, monkeypatch):
-    """The saliency pass and the neighbour labels are ``steps.DataParallel`` over every device (4 in the
-    tests: ``tests/conftest.py``), and the tests above of their results ran on those 4 devices."""
+def test_salun_and_boundary_preprocessing_run_on_every_device(trained, monkeypatch, all_devices):
+    """The saliency pass and the neighbour labels are ``steps.DataParallel`` over every device (4 here:
+    ``tests/conftest.py``; the tests above check their results on 1 and on 4)."""
     from dtl_jax.train import steps
     from dtl_jax.unlearn.methods.boundary_shrink import neighbour_labels
     from dtl_jax.unlearn.methods.salun import saliency

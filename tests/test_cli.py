@@ -263,3 +263,23 @@ def test_a_file_as_workdir_says_so(capsys, tmp_path):
     for workdir in (blocker, blocker / "sub"):
         line = _error_line(capsys, ["run", *TINY, "--workdir", str(workdir)])
         assert f"{str(blocker)!r} is a file, expected a folder" in line, line
+
+
+@pytest.mark.slow
+def test_the_attackers_budgets_move_no_disposed_model(tmp_path):
+    """``dtl-jax run configs/digits.py --set piggyback.shots=5,10`` and ``--set piggyback.shots=10,5`` give
+    the same disposed models: the held-out probe is ``disposal.probe_shots``, not the first budget."""
+    digits = str(ROOT / "configs" / "digits.py")
+    rows = []
+    for shots in ("5,10", "10,5"):
+        workdir = tmp_path / shots.replace(",", "-")
+        assert cli.main(["run", digits, "--quiet", "--workdir", str(workdir), "--set", f"piggyback.shots={shots}"]) == 0
+        rows.append(json.loads((workdir / "results.json").read_text()))
+    first, second = rows
+    assert list(first["models"]) == list(second["models"])
+    for name in first["models"]:
+        assert first["models"][name]["target_acc"] == second["models"][name]["target_acc"], name
+    for method, record in first["disposal"].items():
+        assert record["checks"] == second["disposal"][method]["checks"], method
+        assert record["returned_step"] == second["disposal"][method]["returned_step"], method
+    assert first["models"]["tl"]["pl"].keys() == {"5", "10"}  # and both budgets were attacked

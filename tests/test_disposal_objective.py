@@ -51,7 +51,11 @@ def _pad(batch: dict, rows: np.ndarray, size: int) -> dict:
     return {**{k: v[rows] for k, v in batch.items()}, "weight": np.where(real, 1.0 / size, 0.0).astype(np.float32)}
 
 
-CASES = [("gc", "tgt_kd"), ("ngc", "ce"), ("rtf", "tgt_kd"), ("utf", "src_kd"), ("ga", "ce")]
+FAST = {("gc", "tgt_kd")}  # the other losses: the slow tier
+CASES = [
+    pytest.param(method, retain, marks=() if (method, retain) in FAST else pytest.mark.slow)
+    for method, retain in [("gc", "tgt_kd"), ("ngc", "ce"), ("rtf", "ce"), ("utf", "src_kd"), ("ga", "tgt_kd")]
+]
 
 
 @pytest.mark.parametrize(("method", "retain"), CASES)
@@ -84,6 +88,7 @@ def test_padding_weighted_zero_changes_no_term(method, retain):
         assert padded[name] == pytest.approx(plain[name], rel=1e-5), name
 
 
+@pytest.mark.slow
 def test_the_objective_is_retain_plus_lambda_unlearn_and_linear_in_lambda():
     network, variables, source, target = _setup()
     objective = _objective(network, "gc", "tgt_kd")

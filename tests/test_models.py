@@ -62,6 +62,7 @@ def test_max_pool_equals_flax_bit_for_bit(shape, ties):
         np.testing.assert_array_equal(ours, theirs)
 
 
+@pytest.mark.slow
 def test_batch_norm_cnn_gradient_with_max_pool_2x2_is_nn_max_pools_and_finite_differences(x64, monkeypatch):
     """The reported mismatch of ``max_pool_2x2``'s derivative with BatchNorm (the CNN with BatchNorm,
     float64, a batch of 12), settled: it was real, and only under ``jit``. The old JVP rule gave the tangent

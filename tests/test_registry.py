@@ -77,3 +77,25 @@ def test_a_method_added_as_one_file_runs_through_the_cli(tmp_path):
         assert name in proc.stdout and "retrain" in proc.stdout
     finally:
         path.unlink()
+
+
+def test_a_method_whose_code_changed_reruns_and_only_it(monkeypatch):
+    """The unlearning checkpoints carry the version of the code each stage runs: editing SURE's code re-runs
+    SURE alone (not the original model, not another method); rewording its docstring re-runs nothing."""
+    from dtl_jax import code_version
+
+    config = C.Config()
+    names = ("original", *method_names())
+    before = {name: runner.stage_key(config, name) for name in names}
+    real, module = code_version.source, "dtl_jax.unlearn.methods.sure"
+    text = real(module)
+    for edited, expected in ((text.replace('"""SURE', '"""Reworded: SURE', 1), set()), (text + "\nX = 1\n", {"sure"})):
+        monkeypatch.setattr(
+            code_version, "source", lambda name, edited=edited: edited if name == module else real(name)
+        )
+        code_version.code_version.cache_clear()
+        assert {name for name in names if runner.stage_key(config, name) != before[name]} == expected
+    monkeypatch.undo()
+    code_version.code_version.cache_clear()
+    other = C.apply_overrides(config, ["unlearn.methods=retrain,sure"])  # the list run changes no stage
+    assert {name: runner.stage_key(other, name) for name in names} == before

@@ -38,3 +38,32 @@ def test_sweep_over_seeds_gives_intervals(tmp_path):
         assert set(point["ci95"]) == set(point["models"]) and point["ci95"]["gc"]["pl_acc"] >= 0
     assert (tmp_path / "points" / "disposal.gc_lambda=0.5" / "summary.json").is_file()
     assert (tmp_path / "seed-1" / "results.json").is_file()
+
+
+def _compiles(workdir, lambdas: str) -> int:
+    """Programs compiled by ``dtl-jax sweep configs/digits.py`` over ``disposal.gc_lambda=lambdas`` (GC
+    only), in a fresh process with ``JAX_LOG_COMPILES=1`` and the persistent compilation cache off."""
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "JAX_LOG_COMPILES": "1", "DTL_JAX_COMPILATION_CACHE": "off", "PYTHONPATH": str(root)}
+    argv = ["sweep", str(root / "configs" / "digits.py"), "--quiet", "--workdir", str(workdir),
+            "--set", "disposal.methods=gc", "--set", f"disposal.gc_lambda={lambdas}"]  # fmt: skip
+    proc = subprocess.run([sys.executable, "-m", "dtl_jax.cli", *argv], env=env, capture_output=True, text=True,
+                          timeout=1200)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # JAX logs "Compiling jit(<name>) with global shapes ..." (through absl: "WARNING:...:Compiling ...")
+    return sum(re.search(r"(^|:)Compiling ", line) is not None for line in proc.stderr.splitlines())
+
+
+@pytest.mark.slow
+def test_a_sweep_over_lambda_compiles_each_step_once(tmp_path):
+    """λ is an argument of the disposal step, not a constant of its program, and the compile cache keys
+    only on what shapes the program: sweeping four values compiles no more programs than sweeping two."""
+    two = _compiles(tmp_path / "two", "0.1,0.2")
+    four = _compiles(tmp_path / "four", "0.1,0.2,0.3,0.4")
+    assert two > 0 and four <= two, (two, four)

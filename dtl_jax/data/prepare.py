@@ -199,7 +199,7 @@ def prepare(name: str, data_dir: str = "", manual_dir: str = "", quiet: bool = F
     _require_tensorflow(name, str(builder.data_path))
     manual = manual_dir_of(builder, manual_dir)
     if manual_dir and not manual.is_dir():
-        raise UserError(f"--manual-dir {manual_dir!r} is not a folder")
+        raise UserError(f"manual dir {manual_dir!r} is not a folder")
     missing = [a.url for a in archives if not _cached(builder, a, manual)]
     problem = _unreachable(missing)
     if problem:

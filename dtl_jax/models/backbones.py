@@ -22,8 +22,8 @@ import jax.numpy as jnp
 def max_pool_2x2(x: jax.Array) -> jax.Array:
     """2x2 max-pool with stride 2 (VALID: an odd last row or column is dropped): ``nn.max_pool(x, (2, 2),
     (2, 2))`` in value and in derivative, bit for bit, written as elementwise maxima of four strided views
-    so that its gradient is a compare-and-select rather than XLA's ``select_and_scatter``, which on CPU
-    cost 6x more: 30 of the small CNN's 107 ms per training step (batch 128, 32x32; profiled).
+    so that its gradient is a compare-and-select rather than XLA's ``select_and_scatter``, which is much
+    slower on XLA:CPU (``benchmarks/gc_step.py`` times the small CNN's steps).
 
     Ties (frequent: flat image regions give equal convolution outputs) go where ``nn.max_pool`` sends them:
     the whole derivative to the first maximal element of the window in row-major order. (``jnp.max``'s own
@@ -55,8 +55,8 @@ def _max_pool_2x2_jvp(primals, tangents):
     # The tangent of the first maximal view, chosen by comparing the views with each other. (Not by
     # comparing each view with the pooled output: under jit XLA may recompute the input in two fusions with
     # different rounding (BatchNorm's arithmetic before the pool does), and then no view equalled the output
-    # and the tangent went to the last view: a wrong gradient, 0.04 off in float64, only with BatchNorm and
-    # only jitted; tests/test_models.py.)
+    # and the tangent went to the last view: a wrong gradient, seen with BatchNorm and only jitted;
+    # tests/test_models.py.)
     views, (ta, tb, tc, td) = _windows(primals[0]), _windows(tangents[0])
     out = max_pool_2x2(primals[0])  # itself, so that derivatives of this rule use this rule
     take_a, take_b, take_c = _first_maximal(*views)

@@ -19,7 +19,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from dtl_jax.disposal_objective import DisposalObjective, combine, weights
+from dtl_jax import disposal_objective
+from dtl_jax.disposal_objective import DisposalObjective, combine
 from dtl_jax.models import Network
 from dtl_jax.train import steps
 from dtl_jax.train.mesh import AXIS, ChunkLayout, chunk_layout, padded_rows
@@ -32,7 +33,8 @@ def disposal_step(objective: DisposalObjective, tx, mesh: Mesh | None = None, ma
 
     ``teacher`` (the frozen TL model's variables) and ``weights`` (``{"retain": 1, "unlearn": λ}``, scalars)
     are arguments, not constants of the program: one compiled step serves every seed of a multi-seed run and
-    every λ of a sweep. Place them once, replicated on ``mesh`` (``replicate``), like the state.
+    every λ of a sweep. Place them once, replicated on ``mesh`` (``steps.replicate``, ``disposal_weights``),
+    like the state (``steps.init_state(..., mesh)``).
 
     This function is only the sharding. The step runs the objective under ``jax.shard_map`` over the
     devices of ``mesh`` (default: the first device alone), viewed as a ``c x e`` grid
@@ -45,9 +47,9 @@ def disposal_step(objective: DisposalObjective, tx, mesh: Mesh | None = None, ma
     the one-device result (up to float rounding; a BatchNorm model normalises over each device's part).
     Each device differentiates its share of the objective with respect to device-varying parameters (a term
     that varies over the devices is its share already; one computed across them, GC, counts ``1/N``); one
-    ``psum`` sums the gradients. Parameter-size all-reduces per step: two
-    where the device count divides ``K`` (``G`` or ``U`` inside ``gc_loss``, then the gradient sum);
-    otherwise ``ChunkLayout.all_reduces``. For the fooling losses: one, of the gradient.
+    ``psum`` sums the gradients. Parameter-size all-reduces per step: two where the device count divides
+    ``K`` (``G`` or ``U`` inside ``gc_loss``, then the gradient sum); otherwise ``ChunkLayout.all_reduces``.
+    For the fooling losses: one, of the gradient.
     """
     mesh = mesh if mesh is not None else Mesh(np.array(jax.devices()[:1]), (AXIS,))
     devices = int(mesh.devices.size)
@@ -159,4 +161,4 @@ def disposal_program(network: Network, method: str, config, tx, mesh: Mesh | Non
     mesh = mesh if mesh is not None else Mesh(np.array(jax.devices()[:1]), (AXIS,))
     objective = DisposalObjective.from_config(network, method, config)
     step = disposal_step(objective, tx, mesh, config.max_grad_norm)
-    return step, disposal_weights(mesh, weights(method, config))
+    return step, disposal_weights(mesh, disposal_objective.weights(method, config))

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from dtl_jax import runtime
 from dtl_jax.checkpoint import Progress
+from dtl_jax.train.mesh import place_like
 from dtl_jax.train.metrics import MetricsWriter
 
 
@@ -52,7 +53,8 @@ def run_steps(
     With ``progress``, the state, the history, ``bookkeeping`` and the position in ``batches`` are saved
     every ``progress.every`` steps; a later call with the same arguments resumes from the newest such
     checkpoint, replaying ``batches`` to the saved position (the streams are seeded, so the resumed run
-    sees the same batches as an uninterrupted one and ends with the same state).
+    sees the same batches as an uninterrupted one and ends with the same state); the restored state is
+    placed where ``state`` was (``mesh.place_like``).
 
     ``writer`` (a ``MetricsWriter``) receives the fetched metrics under the stage name ``desc``; the rows it
     holds of ``desc`` after the step the stage starts from are dropped first (``MetricsWriter.begin``).
@@ -66,7 +68,7 @@ def run_steps(
         restored = progress.restore({"state": state, "book": bookkeeping.dump()[1]})
         if restored is not None:
             tree, extra = restored
-            state, start, history = tree["state"], extra["done"], extra["history"]
+            state, start, history = place_like(tree["state"], state), extra["done"], extra["history"]
             progress.resumed_from = start
             bookkeeping.load(extra["book"], tree["book"])
             for _ in range(start):

@@ -21,19 +21,26 @@ AXIS = "data"
 CHUNKS, EXAMPLES = "chunks", "examples"  # the disposal step's 2-D view of the "data" axis
 
 
-_DEFAULT_DEVICES = [0]  # what data_mesh(0) means: 0 = every device (``default_devices`` changes it)
+_DEFAULT_DEVICES = [0]  # what data_mesh(0) means: 0 = every device (``set_default_devices`` changes it)
+
+
+def set_default_devices(devices: int) -> int:
+    """From now on ``data_mesh()`` (and so every step built without a mesh of its own: the DTL stages with
+    ``disposal.devices=0``, the unlearning methods and their evaluation) uses the first ``devices`` devices
+    (0: all of them); returns the previous setting."""
+    before = _DEFAULT_DEVICES[0]
+    _DEFAULT_DEVICES[0] = devices
+    return before
 
 
 @contextlib.contextmanager
 def default_devices(devices: int):
-    """Within the block, ``data_mesh()`` (and so every step built without a mesh of its own: the unlearning
-    methods' and their evaluation) uses the first ``devices`` devices instead of all of them."""
-    before = _DEFAULT_DEVICES[0]
-    _DEFAULT_DEVICES[0] = devices
+    """``set_default_devices(devices)`` within the block only."""
+    before = set_default_devices(devices)
     try:
         yield
     finally:
-        _DEFAULT_DEVICES[0] = before
+        set_default_devices(before)
 
 
 def data_mesh(devices: int = 0) -> Mesh:
@@ -181,6 +188,21 @@ def place_disposal_batches(mesh: Mesh, num_chunks: int, source: dict, target: di
         shard_batch(mesh, batch) if rows is None and mask is None else replicate_batch(mesh, batch)
         for batch, (rows, mask) in zip((source, target), layouts, strict=True)
     )
+
+
+def place_like(tree, like):
+    """``tree`` (host arrays, e.g. a restored checkpoint) placed as the arrays of ``like`` are: each leaf
+    with its counterpart's sharding (a host leaf of ``like`` leaves its counterpart as it is). In a
+    multi-process job every process holds the same values (``jax.make_array_from_process_local_data``)."""
+
+    def place(x, reference):
+        if not isinstance(reference, jax.Array):
+            return x
+        if jax.process_count() == 1:
+            return jax.device_put(x, reference.sharding)
+        return jax.make_array_from_process_local_data(reference.sharding, np.asarray(x))
+
+    return jax.tree.map(place, tree, like)
 
 
 def replicate_batch(mesh: Mesh, batch: dict) -> dict:

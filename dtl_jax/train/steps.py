@@ -161,8 +161,8 @@ class DataParallel:
     masks the padding out of reductions); otherwise every device computes the whole batch (the one-device
     program, no speed-up for that step). ``supervised_step`` and ``custom_step`` split uneven batches only
     for models without BatchNorm: with BatchNorm, XLA's padded split gave wrong gradients (Conv, BatchNorm,
-    ReLU, ``nn.max_pool``, Conv; 13 examples on 2 or 3 devices: 9e-2 off, where even splits and the same
-    model without BatchNorm agree with one device to 2e-7).
+    ReLU, ``nn.max_pool``, Conv; 13 examples on 2 or 3 devices), where even splits and the same model
+    without BatchNorm agree with one device to float rounding.
     """
 
     def __init__(

@@ -16,6 +16,7 @@ import numpy as np
 from jax import monitoring
 
 from dtl_jax import compilation_cache, cpu_conv, runs, runtime, seeds
+from dtl_jax.code_version import code_version
 from dtl_jax.config import Config, validate
 from dtl_jax.data.tasks import make_task
 from dtl_jax.evaluate import predict
@@ -87,6 +88,21 @@ def selected_methods(config: Config) -> dict:
     return registry.resolve(config.unlearn.methods)
 
 
+def stage_key(config: Config, name: str) -> str:
+    """The checkpoint folder of the original model (``name="original"``) or of a method's run: a hash of the
+    scenario, the settings the stage reads (the original's optimiser; a method's: every unlearning setting
+    but the list of methods run) and the version of the code it runs (``dtl_jax.code_version``: this
+    module's for the original model, the method's module's for a method), so that a stage whose code
+    changed re-runs."""
+    u, d = config.unlearn, config.data
+    scenario = (config.seed, d, config.model, u.task, u.scenario, u.forget_fraction, u.forget_class)
+    if name == "original":
+        settings, module = u.original, __name__
+    else:
+        settings, module = dataclasses.replace(u, methods=()), registry.load_methods()[name].__module__
+    return f"unlearn-{name}-{fingerprint(*scenario, settings, code_version(module))}"
+
+
 def run(
     config: Config, workdir, *, quiet: bool = False, overwrite: bool = False, compiled: Compiled | None = None
 ) -> dict:
@@ -109,11 +125,9 @@ def run(
     writer = MetricsWriter(workdir)
     network = build(config.model)
     shape = tuple(scenario.retain.images.shape[1:])
-    scenario_key = (config.seed, d, config.model, u.task, u.scenario, u.forget_fraction, u.forget_class)
 
-    def stage(name: str, key) -> CheckpointedStage:
-        return CheckpointedStage(workdir / "checkpoints" / f"unlearn-{name}-{fingerprint(*scenario_key, key)}",
-                                 config.checkpoint_every)  # fmt: skip
+    def stage(name: str) -> CheckpointedStage:
+        return CheckpointedStage(workdir / "checkpoints" / stage_key(config, name), config.checkpoint_every)
 
     # The original model: trained on D_r ∪ D_f.
     variables = network.init(seeds.key(config.seed, "unlearn-original-init"), shape, {HEAD: scenario.num_classes})
@@ -126,7 +140,7 @@ def run(
         trained = ctx.train(steps.supervised_step(network, HEAD, tx), variables, tx, stream, total, "original")
         return trained, {"history": ctx.history}
 
-    original, original_meta = stage("original", u.original).run(variables, train_original)
+    original, original_meta = stage("original").run(variables, train_original)
 
     histories = {"original": original_meta["history"]}
     rows = {"original": _metrics(network, original, scenario, config, compiled)}
@@ -141,8 +155,7 @@ def run(
                 wall = time.perf_counter() - t0
             return unlearned, {"rt_s": wall - spent[0], "compile_s": spent[0], "history": ctx.history}
 
-        method_key = dataclasses.replace(u, methods=())  # the list of methods run does not change one
-        unlearned, meta = stage(name, method_key).run(original, unlearn)
+        unlearned, meta = stage(name).run(original, unlearn)
         histories[name] = meta["history"]
         row = _metrics(network, unlearned, scenario, config, compiled)
         halted = [h["halted_at"] for h in meta["history"] if h.get("halted_at") is not None]

@@ -37,10 +37,10 @@ def saliency(ctx: Context) -> dict:
 
     # data-parallel over every device (the global batch's mean, as on one device)
     batch_grad = steps.DataParallel(grad_of_batch, replicated=1)
-
+    params = batch_grad.replicate(original["params"])  # placed once for every batch
     total = None
     for batch in pipeline.eval_batches(ctx.scenario.forget, ctx.u.optim.batch_size, mean=d.mean, std=d.std):
-        g = batch_grad(original["params"], batch)
+        g = batch_grad(params, batch)
         total = g if total is None else jax.tree.map(jnp.add, total, g)
     return jax.tree.map(jnp.abs, total)
 
