@@ -117,7 +117,9 @@ def test_method_names_are_checked_where_methods_are_resolved(tmp_path):
 
     bad = C.apply_overrides(C.Config(), ["disposal.methods=gc,forget"])
     C.validate(bad)
-    with pytest.raises(UserError, match="disposal.methods='forget': expected one of gc, ngc, rtf, utf, ga"):
+    from dtl_jax.losses import DISPOSAL_LOSSES
+
+    with pytest.raises(UserError, match="disposal.methods='forget': expected one of " + ", ".join(DISPOSAL_LOSSES)):
         stages.check(bad)
     with pytest.raises(UserError, match="disposal.methods='forget'"):
         dtl.run(bad, tmp_path / "w", quiet=True)
