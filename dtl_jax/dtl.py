@@ -195,7 +195,7 @@ def run_frontier(
         tl, _ = stages.transfer(exp, stages.pretrain(exp)[0])
         attacks[seed] = frontier_stage.attack_selected(exp, tl, summary["selected"])
         exp.writer.close()
-    cuts = frontier_stage.strategy_cuts(attacks, {s: r["strategies"] for s, r in per_seed.items()}, summary["budgets"])
+    cuts = frontier_stage.strategy_cuts(attacks, summary["budgets"])
     summary["attackers"], summary["worst_case"] = cuts["by_strategy"], cuts["worst_case"]
     summary["attacker"] = {str(s): r["attacker"] for s, r in per_seed.items()}
     summary["strategies"] = {str(s): r["strategies"] for s, r in per_seed.items()}
@@ -219,6 +219,13 @@ def format_frontier(summary: dict) -> str:
     for loss, cuts in summary["cut"].items():
         cells = "".join(f"{mean_ci(cuts[str(b)]):>18}" for b in budgets)
         lines.append(f"{loss:<14}{cells}{mean_ci(summary['area'][loss]):>18}")
+    if summary.get("attackers"):
+        lines += ["", "fresh attacker draws (not those the selection saw) at the same selected states:"]
+        for strategy, per_loss in summary["attackers"].items():
+            for loss, cuts in per_loss.items():
+                lines.append(
+                    f"{strategy + ' ' + loss:<26}"[:26] + "".join(f"{mean_ci(cuts[str(b)]):>18}" for b in budgets)
+                )
     if summary.get("worst_case") and len(summary.get("attackers", {})) > 1:
         lines += ["", f"the worst case over the attacks {', '.join(summary['attackers'])} at the same selected states:"]
         for loss, cuts in summary["worst_case"].items():

@@ -107,13 +107,12 @@ def test_strategy_cuts_and_the_worst_case():
     def state(pl):
         return {"seed": 0, "lambda": 1.0, "step": 10, "pl_val": pl, "pl_acc": pl}
 
-    attacks = {
-        0: {"a": {"gc": {"0.01": state(0.40)}}, "b": {"gc": {"0.01": state(0.30)}}},
-        1: {"a": {"gc": {"0.01": state(0.50)}}, "b": {"gc": {"0.01": state(0.45)}}},
-    }
-    strategies = {0: {"a": {"tl": {"pl_acc": 0.50}}, "b": {"tl": {"pl_acc": 0.32}}},
-                  1: {"a": {"tl": {"pl_acc": 0.55}}, "b": {"tl": {"pl_acc": 0.50}}}}  # fmt: skip
-    out = strategy_cuts(attacks, strategies, [0.01])
+    def attacks(tl, pl):
+        return {"tl": {"pl_val": tl, "pl_acc": tl}, "losses": {"gc": {"0.01": state(pl)}}}
+
+    per_seed = {0: {"a": attacks(0.50, 0.40), "b": attacks(0.32, 0.30)},
+                1: {"a": attacks(0.55, 0.50), "b": attacks(0.50, 0.45)}}  # fmt: skip
+    out = strategy_cuts(per_seed, [0.01])
     assert out["by_strategy"]["a"]["gc"]["0.01"]["values"] == pytest.approx([0.10, 0.05])
     assert out["by_strategy"]["b"]["gc"]["0.01"]["values"] == pytest.approx([0.02, 0.05])
     assert out["worst_case"]["gc"]["0.01"]["values"] == pytest.approx([0.02, 0.05])

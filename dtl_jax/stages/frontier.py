@@ -109,9 +109,10 @@ def trajectory(exp: Experiment, method: str, lam: float, start: dict, teacher, t
     return [(k["step"], tree[f"slot{i}"]) for i, k in enumerate(meta["kept"])], meta
 
 
-def _attacked(exp: Experiment, name: str, variables: dict, strategy: str, repeats: int, after: str | None) -> dict:
+def _attacked(exp: Experiment, name: str, variables: dict, strategy: str, repeats: int, after: str | None,
+              first_draw: int = 0) -> dict:  # fmt: skip
     shots = budgets(exp.attacker, exp.config.piggyback.shots, exp.config.data.piggyback_fraction)[0]
-    return attack(exp, name, variables, strategy, shots, repeats, after)
+    return attack(exp, name, variables, strategy, shots, repeats, after, first_draw)
 
 
 def run_seed(exp: Experiment, tl: dict, random: dict) -> dict:
@@ -181,11 +182,14 @@ def run_seed(exp: Experiment, tl: dict, random: dict) -> dict:
 
 def attack_selected(exp: Experiment, tl: dict, selected: dict) -> dict:
     """Every strategy of ``piggyback.strategies`` against the states selected on this seed (``selected``:
-    ``frontier.summarize``'s ``selected``), ``piggyback.repeats`` draws each, the states restored from their
-    finished trajectories: ``{strategy: {loss: {"<b>": point}}}`` with each point's ``pl_val`` and
-    ``pl_acc`` under that strategy."""
+    ``frontier.summarize``'s ``selected``) and against TL, with ``piggyback.repeats`` *fresh* attacker draws
+    (numbered after the ``frontier.repeats`` draws the selection saw, so that the selection's luck does not
+    carry into what is reported), the states restored from their finished trajectories:
+    ``{strategy: {"tl": {"pl_val", "pl_acc"}, "losses": {loss: {"<b>": point}}}}`` with each point's
+    ``pl_val`` and ``pl_acc`` under that strategy."""
     c = exp.config
     d = c.disposal
+    first = c.frontier.repeats
     teacher = steps.replicate(exp.mesh, tl)
     start = refit_source_head(exp, tl)[0] if d.refit_source_head else tl
     start_key = stage_key(c, "refit" if d.refit_source_head else "transfer")
@@ -202,39 +206,41 @@ def attack_selected(exp: Experiment, tl: dict, selected: dict) -> dict:
 
     out: dict = {}
     for strategy in c.piggyback.strategies:
-        out[strategy] = {}
+        reference = _attacked(exp, "tl", tl, strategy, c.piggyback.repeats, None, first)
+        out[strategy] = {"tl": {"pl_val": reference["val_acc"], "pl_acc": reference["acc"]}, "losses": {}}
         for loss, per_budget in selected.items():
-            out[strategy][loss] = {}
+            out[strategy]["losses"][loss] = {}
             for budget, choices in per_budget.items():
                 mine = [x for x in choices if x["seed"] == c.seed]
                 if mine:
                     name, variables, after = state(loss, mine[0]["lambda"], mine[0]["step"])
-                    pl = _attacked(exp, name, variables, strategy, c.piggyback.repeats, after)
-                    out[strategy][loss][budget] = {**mine[0], "pl_val": pl["val_acc"], "pl_acc": pl["acc"]}
+                    pl = _attacked(exp, name, variables, strategy, c.piggyback.repeats, after, first)
+                    out[strategy]["losses"][loss][budget] = {**mine[0], "pl_val": pl["val_acc"], "pl_acc": pl["acc"]}
     return out
 
 
-def strategy_cuts(per_seed_attacks: dict[int, dict], per_seed_strategies: dict[int, dict], budgets) -> dict:
-    """Each strategy's cut at the selected states over seeds, and the worst case: ``{"by_strategy":
-    {strategy: {loss: {"<b>": describe}}}, "worst_case": {loss: {"<b>": describe}}}``. A strategy's cut is
-    its PL accuracy on TL minus on the selected state (test); the worst case, per seed, the smallest cut
-    over the strategies (a defence is as strong as the attack it stops least)."""
+def strategy_cuts(per_seed_attacks: dict[int, dict], budgets) -> dict:
+    """Each strategy's cut at the selected states over seeds (``attack_selected``'s fresh draws), and the worst
+    case: ``{"by_strategy": {strategy: {loss: {"<b>": describe}}}, "worst_case": {loss: {"<b>": describe}}}``.
+    A strategy's cut is its PL accuracy on TL minus on the selected state (test, the same fresh draws); the
+    worst case, per seed, the smallest cut over the strategies (a defence is as strong as the attack it stops
+    least)."""
     from dtl_jax.summary import describe
 
     seeds = sorted(per_seed_attacks)
     if not seeds:
         return {"by_strategy": {}, "worst_case": {}}
     strategies = list(per_seed_attacks[seeds[0]])
-    losses = list(per_seed_attacks[seeds[0]][strategies[0]]) if strategies else []
+    losses = list(per_seed_attacks[seeds[0]][strategies[0]]["losses"]) if strategies else []
     values: dict = {}  # (strategy, loss, b) -> per-seed cut or None
     for strategy in strategies:
         for loss in losses:
             for b in budgets:
                 row = []
                 for s in seeds:
-                    entry = per_seed_attacks[s][strategy].get(loss, {}).get(str(b))
-                    tl = per_seed_strategies[s].get(strategy, {}).get("tl")
-                    row.append(None if entry is None or tl is None else tl["pl_acc"] - entry["pl_acc"])
+                    attacks = per_seed_attacks[s][strategy]
+                    entry = attacks["losses"].get(loss, {}).get(str(b))
+                    row.append(None if entry is None else attacks["tl"]["pl_acc"] - entry["pl_acc"])
                 values[(strategy, loss, b)] = row
     by_strategy = {st: {loss: {str(b): describe(values[(st, loss, b)]) for b in budgets} for loss in losses}
                    for st in strategies}  # fmt: skip

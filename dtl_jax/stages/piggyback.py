@@ -144,10 +144,11 @@ def budget_area(shots: list[int], accs: list[float]) -> float | None:
 
 
 def attack(exp: Experiment, model: str, variables: dict, strategy: str, shots: int, repeats: int,
-           after: str | None = None) -> dict:  # fmt: skip
-    """``repeats`` draws of one attack at one budget: ``{"acc", "accs", "val_acc", "curve", "curves", "runs"}``
-    (means over the draws and the per-draw values)."""
-    draws = [piggyback_run(exp, model, variables, shots, r, strategy, after) for r in range(repeats)]
+           after: str | None = None, first_draw: int = 0) -> dict:  # fmt: skip
+    """``repeats`` draws of one attack at one budget (draws ``first_draw`` ...): ``{"acc", "accs", "val_acc",
+    "curve", "curves", "runs"}`` (means over the draws and the per-draw values)."""
+    draws = [piggyback_run(exp, model, variables, shots, r, strategy, after)
+             for r in range(first_draw, first_draw + repeats)]  # fmt: skip
     curves = [d["curve"] for d in draws]
     return {
         "acc": float(np.mean([d["acc"] for d in draws])),
