@@ -2,8 +2,8 @@
 
 XLA:CPU runs a convolution either through YNNPACK (its default in jaxlib 0.10) or through Eigen's
 convolutions (``XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=-individual_convolution``). Which is
-faster depends on the processor: on one AMD EPYC a conv net's gradient step ran 1.5-4.7x faster with
-Eigen's; elsewhere YNNPACK's won. So the library measures, once, and remembers:
+faster depends on the processor (docs/benchmarks.md has the figures measured here). So the library
+measures, once, and remembers:
 
 1. ``measure()`` times one small conv net's gradient step (``PROBE``: three stages of two 3x3
    convolutions, widths 16/32/64, batch 64, 32x32x3) under each path, each in a subprocess of its own

@@ -26,8 +26,8 @@ quantity returned is to be *minimised*: a small ``S`` means the fine-tuned model
 Gradient. Second order (default), exact: ``∇L = (I − η H_1) ⋯ (I − η H_k) ∇S(θ_k)`` with
 ``H_j = ∇²ℓ(θ_{j-1}; B_j)`` (for one outer batch and SGD), formed either by a custom VJP that walks the steps
 back with one forward-over-reverse Hessian-vector product each (``second_order="hvp"``, default) or by
-``jax.grad`` through the unrolled steps (``"reverse"``, reverse-over-reverse, 3.1-3.7x slower for the small CNN,
-``k`` = 1-5, ``benchmarks/sophon_step.py``). First order (``first_order=True``, MAML-FO, what the reference
+``jax.grad`` through the unrolled steps (``"reverse"``, reverse-over-reverse, slower: ``benchmarks/sophon_step.py``
+measures both). First order (``first_order=True``, MAML-FO, what the reference
 runs): every inner update is a constant (``stop_gradient``), so ``∂θ_j/∂θ = I`` and ``∇L = ∇S(θ_k; Q)``
 (trajectory mean: ``1/k Σ_j ∇S(θ_j; Q_j)``), the gradient at the fine-tuned weights applied to ``θ``. The
 value is the same in both modes; ``k = 0`` gives ``S(θ; Q)`` and its gradient.
@@ -388,7 +388,7 @@ def sophon_loss(
         ``jax.custom_vjp`` whose backward pass walks the steps back with one forward-over-reverse
         Hessian-vector product each (``jax.jvp`` of the gradient), keeping ``θ_0..θ_k``, the inner gradients
         and optimiser states (``k`` parameter-sized copies of each) instead of every step's activations;
-        3.1-3.7x faster than ``"reverse"`` for the small CNN at ``k`` = 1-5 (``benchmarks/sophon_step.py``). Needs
+        faster than ``"reverse"`` (``benchmarks/sophon_step.py`` measures both). Needs
         the inner batches (and the outer ones) to share one shape; cannot be ``jax.jvp``'d. ``"reverse"``:
         ``jax.grad`` through the unrolled steps (reverse-over-reverse); any transformation composes.
         Ignored with ``first_order``.
