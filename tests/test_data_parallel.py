@@ -225,7 +225,8 @@ def _head_fit(n: int) -> dict:
     return jax.device_get(h)
 
 
-@pytest.mark.parametrize("devices", [pytest.param(2, marks=slow), 3, pytest.param(4, marks=slow)])
+@slow
+@pytest.mark.parametrize("devices", [2, 3, 4])
 def test_head_fit_step_on_n_devices_equals_one(devices):
     assert _tree_rel(_head_fit(1), _head_fit(devices)) <= 1e-5
 

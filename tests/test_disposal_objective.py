@@ -58,6 +58,7 @@ CASES = [
 ]
 
 
+@pytest.mark.slow  # the fast tier checks the weighted GC through the sharded step (tests/test_sharded.py)
 @pytest.mark.parametrize(("method", "retain"), CASES)
 def test_weights_one_over_n_give_the_plain_means(method, retain):
     network, variables, source, target = _setup()

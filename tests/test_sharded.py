@@ -58,16 +58,18 @@ CASES = {
     "gc_k2": ("gc", 2, 32, 16, False, "tgt_kd", (4,)),
     "ga_ce": ("ga", 4, 32, 16, False, "ce", (3,)),
     "ngc_k5_src_kd": ("ngc", 5, 40, 16, False, "src_kd", (3,)),
+    "gc_mlp": ("gc", 4, 32, 16, False, "tgt_kd", (3,)),
 }
-FAST = {("gc", 3)}  # the fast tier: GC with its chunks split over 3 devices and padded (1x3)
+MODELS = {"gc_mlp": ModelConfig(name="mlp", widths=(16,))}  # the others: ModelConfig(name="cnn", widths=(4, 8))
+FAST = {("gc_mlp", 3)}  # the fast tier: GC with its chunks split over 3 devices and padded (1x3), an MLP
 RUNS = [
     pytest.param(name, n, marks=() if (name, n) in FAST else slow) for name, case in CASES.items() for n in case[-1]
 ]
 
 
 @functools.cache
-def _network():
-    network = build(ModelConfig(name="cnn", widths=(4, 8)))
+def _network(name: str):
+    network = build(MODELS.get(name, ModelConfig(name="cnn", widths=(4, 8))))
     return network, network.init(jax.random.PRNGKey(0), (8, 8, 3), {"source": 5, "target": 3})
 
 
@@ -94,7 +96,7 @@ def _config(name: str) -> DisposalConfig:
 def _reference(name: str) -> tuple[float, list]:
     """One step on one device (the default GC path): the unlearning value and the updated parameters."""
     method, k, n_source, n_target, _, _, _ = CASES[name]
-    network, variables = _network()
+    network, variables = _network(name)
     config = _config(name)
     tx = make_optimizer(config.optim, 10)
     mesh = data_mesh(1)
@@ -109,7 +111,7 @@ def _run(name: str, devices: int) -> dict:
     """One step on ``devices`` devices (``gc_low_memory`` as the case says), compiled ahead of time so that
     its HLO can be read, then run with every input placed and implicit transfers disallowed."""
     method, k, n_source, n_target, low_memory, _, _ = CASES[name]
-    network, variables = _network()
+    network, variables = _network(name)
     config = dataclasses.replace(_config(name), gc_low_memory=low_memory)
     tx = make_optimizer(config.optim, 10)
     mesh = data_mesh(devices)
