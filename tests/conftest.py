@@ -26,6 +26,27 @@ if "JAX_NUM_CPU_DEVICES" not in os.environ:
     mesh.set_default_devices(1)
 
 
+# Cases the fast tier leaves to the slow one: each repeats, at another parameter, a path a fast case checks
+# (the fast tier runs them once each, so that it stays quick on two cores).
+SLOW_CASES = (
+    "tests/test_gc.py::Float64Test::test_value_matches_explicit_pairs_(normalized=True, k=3)",
+    "tests/test_gc.py::Float64Test::test_value_matches_explicit_pairs_(normalized=False, k=3)",
+    "tests/test_gc.py::Float64Test::test_gradient_matches_hessian_reference_(mode='linearize', normalized=True)",
+    "tests/test_gc.py::Float64Test::test_gradient_matches_hessian_reference_(mode='low_memory'",
+    "tests/test_gc.py::Float64Test::test_low_memory_value_and_gradient_equal_default_(normalized=False, k=3)",
+    "tests/test_gc.py::Float64Test::test_low_memory_value_and_gradient_equal_default_(normalized=True, k=3)",
+    "tests/test_gc.py::Float64Test::test_low_memory_value_and_gradient_equal_default_(normalized=True, k=2)",
+    "tests/test_models.py::test_backbone_plus_named_heads[config3-image3]",
+    "tests/test_models.py::test_max_pool_equals_flax_bit_for_bit[False-shape1]",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.nodeid.startswith(SLOW_CASES):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture
 def all_devices():
     """Within the test, steps built without a mesh of their own run on every device."""

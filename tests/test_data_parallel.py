@@ -154,7 +154,7 @@ def _case(name: str, n: int, fast: bool = False):
     return pytest.param(name, n, marks=() if fast else slow)
 
 
-CASES = [_case(name, n, fast=(name, n) in {("mlp", 3), ("bn", 4)}) for name in MODELS for n in DEVICES]
+CASES = [_case(name, n, fast=(name, n) == ("mlp", 3)) for name in MODELS for n in DEVICES]
 
 
 @pytest.mark.parametrize(("name", "devices"), CASES)
@@ -190,7 +190,8 @@ def test_prediction_on_n_devices_equals_one(name, devices):
     assert _rel(one["logits"], run["logits"]) <= 1e-5 and _rel(one["features"], run["features"]) <= 1e-5
 
 
-@pytest.mark.parametrize("name", [pytest.param("bn"), pytest.param("cnn", marks=slow), pytest.param("mlp", marks=slow)])
+@slow
+@pytest.mark.parametrize("name", ["bn", "cnn", "mlp"])
 def test_communication_of_the_supervised_step(name):
     """One device: no collectives. Four, an even batch: all-reduces only (no all-gather of the batch or the
     activations), which together carry the gradient (every parameter) plus, with BatchNorm, its batch
@@ -224,7 +225,8 @@ def _head_fit(n: int) -> dict:
     return jax.device_get(h)
 
 
-@pytest.mark.parametrize("devices", [pytest.param(2, marks=slow), 3, pytest.param(4, marks=slow)])
+@slow
+@pytest.mark.parametrize("devices", [2, 3, 4])
 def test_head_fit_step_on_n_devices_equals_one(devices):
     assert _tree_rel(_head_fit(1), _head_fit(devices)) <= 1e-5
 

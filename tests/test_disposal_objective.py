@@ -58,6 +58,7 @@ CASES = [
 ]
 
 
+@pytest.mark.slow  # the fast tier checks the weighted GC through the sharded step (tests/test_sharded.py)
 @pytest.mark.parametrize(("method", "retain"), CASES)
 def test_weights_one_over_n_give_the_plain_means(method, retain):
     network, variables, source, target = _setup()
@@ -71,6 +72,7 @@ def test_weights_one_over_n_give_the_plain_means(method, retain):
         assert weighted[name] == pytest.approx(plain[name], rel=1e-5), name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("method", "retain"), CASES)
 def test_padding_weighted_zero_changes_no_term(method, retain):
     """Each chunk padded with repeats of its first example (as a sharded layout pads it), the target batch

@@ -64,8 +64,10 @@ CASES = {
     "gc_sep_bound": ("gc_sep_bound", 4, 32, 16, False, "ce", (4,)),
     "sophon": ("sophon", 4, 32, 16, False, "tgt_kd", (2, 3)),
     "sophon_source_head": ("sophon", 4, 32, 16, False, "ce", (4,)),
+    "gc_mlp": ("gc", 4, 32, 16, False, "tgt_kd", (3,)),
 }
-FAST = {("gc", 3), ("gc", 4)}  # the fast tier: chunks split and padded (1x3), whole chunks a device (4x1)
+MODELS = {"gc_mlp": ModelConfig(name="mlp", widths=(16,))}  # the others: ModelConfig(name="cnn", widths=(4, 8))
+FAST = {("gc_mlp", 3)}  # the fast tier: GC with its chunks split over 3 devices and padded (1x3), an MLP
 RUNS = [
     pytest.param(name, n, marks=() if (name, n) in FAST else slow) for name, case in CASES.items() for n in case[-1]
 ]
@@ -74,8 +76,8 @@ COMMUNICATION = [p for p in RUNS if CASES[p.values[0]][0] in ("gc", "ngc", "rtf"
 
 
 @functools.cache
-def _network():
-    network = build(ModelConfig(name="cnn", widths=(4, 8)))
+def _network(name: str):
+    network = build(MODELS.get(name, ModelConfig(name="cnn", widths=(4, 8))))
     return network, network.init(jax.random.PRNGKey(0), (8, 8, 3), {"source": 5, "target": 3})
 
 
@@ -105,7 +107,7 @@ def _config(name: str) -> DisposalConfig:
 def _reference(name: str) -> tuple[float, list]:
     """One step on one device (the default GC path): the unlearning value and the updated parameters."""
     method, k, n_source, n_target, _, _, _ = CASES[name]
-    network, variables = _network()
+    network, variables = _network(name)
     config = _config(name)
     tx = make_optimizer(config.optim, 10)
     mesh = data_mesh(1)
@@ -120,7 +122,7 @@ def _run(name: str, devices: int) -> dict:
     """One step on ``devices`` devices (``gc_low_memory`` as the case says), compiled ahead of time so that
     its HLO can be read, then run with every input placed and implicit transfers disallowed."""
     method, k, n_source, n_target, low_memory, _, _ = CASES[name]
-    network, variables = _network()
+    network, variables = _network(name)
     config = dataclasses.replace(_config(name), gc_low_memory=low_memory)
     tx = make_optimizer(config.optim, 10)
     mesh = data_mesh(devices)
@@ -174,7 +176,8 @@ def test_communication_is_what_the_layout_states(name, devices):
     assert run["other_collectives"] == []
 
 
-@pytest.mark.parametrize("name", ["gc", pytest.param("ngc", marks=slow), pytest.param("gc_low_memory", marks=slow)])
+@slow
+@pytest.mark.parametrize("name", ["gc", "ngc", "gc_low_memory"])
 def test_exactly_two_parameter_size_all_reduces_where_devices_divide_k(name):
     run = _run(name, 4)  # K = 4 on 4 devices: whole chunks per device
     assert run["layout"] == (4, 1, False)
@@ -229,8 +232,9 @@ def _gc_loss_case(c, e, normalized, options, vary) -> tuple[float, float]:
     return abs(float(value) - float(ref_value)) / abs(float(ref_value)), _rel(ref_grad, grad)
 
 
+GC_FAST = {("2x2", False, "jvp")}  # chunks and examples both split
 GC_CASES = [
-    pytest.param(layout, normalized, mode, marks=() if layout in ("2x2", "1x3_padded") and mode == "jvp" else slow)
+    pytest.param(layout, normalized, mode, marks=() if (layout, normalized, mode) in GC_FAST else slow)
     for layout in GC_LAYOUTS
     for normalized in (False, True)
     for mode in ("jvp", "linearize", "low_memory", *(("replicated",) if layout == "2x2" else ()))

@@ -106,9 +106,13 @@ def test_reversed_gradient_reaches_the_backbone_negated():
     network, net, params, stats, retain, dom = _loss_setup()
     w = 0.7
 
-    def grads(alpha, weight):
+    @jax.jit  # α and w are arguments: one compilation for the five gradients
+    def jitted(alpha, weight):
         loss_fn = sure.make_loss(network, net, weight)
-        return jax.grad(lambda p: loss_fn(p, stats, None, jnp.float32(alpha), retain, dom)[0])(params)
+        return jax.grad(lambda p: loss_fn(p, stats, None, alpha, retain, dom)[0])(params)
+
+    def grads(alpha, weight):
+        return jitted(jnp.float32(alpha), jnp.float32(weight))
 
     ce_only = grads(0.0, 0.0)
     plain = jax.tree.map(lambda a, b: (a - b) / w, grads(-1.0, w), ce_only)  # α = −1: ∇BCE, not reversed
