@@ -325,6 +325,32 @@ def test_boundary_neighbour_labels_match_the_reference_procedure(trained):
 
 
 @pytest.mark.slow
+def test_boundary_labels_are_those_of_the_batch_as_trained_on(trained):
+    """The step labels each batch as it is trained on, after the random flips (the references recompute the
+    neighbour labels per batch inside the loop): on flipped images, the labels are the reference procedure's
+    on the flipped pixels."""
+    from dtl_jax.data.pipeline import normalize
+    from dtl_jax.unlearn.methods.boundary_shrink import batch_neighbour_labels
+
+    config, network, scenario, original = trained
+    d = config.data
+    images, labels = scenario.forget.images[:, :, ::-1], scenario.forget.labels  # every image flipped
+    f32 = np.float32
+    x = images.astype(f32) / f32(255)
+
+    def ce(z):
+        logits, _, _ = network.apply(original, z, head=HEAD, train=False)
+        return losses.cross_entropy(logits, labels)
+
+    sign = np.sign(np.asarray(jax.grad(ce)(jnp.asarray((x - f32(d.mean)) / f32(d.std))))).astype(f32)
+    neighbour = np.round(np.clip(x + f32(0.1) * sign, f32(0), f32(1)) * f32(255)) / f32(255)
+    logits, _, _ = network.apply(original, ((neighbour - d.mean) / d.std).astype(np.float32), head=HEAD, train=False)
+    label = jax.jit(lambda z, y: batch_neighbour_labels(network, original, z, y, 0.1, d.mean, d.std))
+    got = np.asarray(label(normalize(images, d.mean, d.std), labels))
+    np.testing.assert_array_equal(got, np.argmax(np.asarray(logits), -1))
+
+
+@pytest.mark.slow
 def test_salun_and_boundary_preprocessing_run_on_every_device(trained, monkeypatch):
     """The saliency pass and the neighbour labels are ``steps.DataParallel`` over every device (run with
     ``JAX_NUM_CPU_DEVICES=4`` by ``tests/test_data_parallel.py``)."""
