@@ -188,7 +188,8 @@ def test_unlearn_command_end_to_end(tmp_path, monkeypatch, capsys):
         assert row["rt_s"] > 0 and row["rrt"] > 0 and row["diverged"] is False
     assert saved["methods"]["retrain"]["gap"] == 0.0 and saved["methods"]["retrain"]["rrt"] == 1.0
     assert set(saved["scenario"]["indices"]) == {"forget", "val", "retain"}
-    assert runner.format_table(saved).count("\n") == 5
+    table = runner.format_table(saved)
+    assert table.count("\n") == 6 and table.startswith("original model: train acc (D_r ∪ D_f) ")
     from dtl_jax.report import write_report
 
     page = write_report(tmp_path).read_text()  # the CLI wrote it already; this checks it again
@@ -219,3 +220,31 @@ def test_runaway_loss_halts_the_step_and_nonfinite_models_get_no_metrics(trained
     broken = jax.tree.map(lambda x: x * np.nan, original)
     row = runner._metrics(network, broken, scenario, config)
     assert row["nonfinite_outputs"] is True and all(row[k] is None for k in runner.METRIC_KEYS)
+
+
+def test_original_fit_is_in_results_and_printed_above_the_table(tmp_path):
+    """The original model's fit (train accuracy on D_r ∪ D_f, test accuracy, loss-MIA) in results.json and
+    in the first line of the printed table, for one seed and for a summary over seeds (a tiny config: an
+    MLP on digits, one epoch)."""
+    from dtl_jax.unlearn import runner
+
+    config = tiny_unlearn(methods=("retrain",), original=OptimConfig(learning_rate=0.01, epochs=1, batch_size=64))
+    summary = runner.run_seeds(config, [0, 1], tmp_path, quiet=True)
+    results = json.loads((tmp_path / "seed-0" / "results.json").read_text())
+    fit, row = results["original_fit"], results["methods"]["original"]
+    n_r, n_f = results["scenario"]["sizes"]["retain"], results["scenario"]["sizes"]["forget"]
+    assert fit["train_acc"] == pytest.approx((row["ra"] * n_r + (1 - row["ua"]) * n_f) / (n_r + n_f))
+    assert 0.1 < fit["train_acc"] <= 1 and fit["test_acc"] == row["ta"] and fit["loss_mia"] == row["loss_mia"]
+    assert row["train_acc"] == fit["train_acc"] and "train_acc" not in results["methods"]["retrain"]
+    first = runner.format_table(results).splitlines()[0]
+    assert first == (
+        f"original model: train acc (D_r ∪ D_f) {fit['train_acc']:.3f}, test acc {fit['test_acc']:.3f}, "
+        f"loss-MIA {fit['loss_mia']:.3f}"
+    )
+    train = summary["rows"]["original"]["train_acc"]
+    assert train["n"] == 2 and train["values"][0] == pytest.approx(fit["train_acc"])
+    assert (
+        runner.format_table(summary)
+        .splitlines()[0]
+        .startswith(f"original model: train acc (D_r ∪ D_f) {train['mean']:.3f} ± {train['ci95']:.3f}, test acc ")
+    )
