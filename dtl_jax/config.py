@@ -125,6 +125,12 @@ class UnlearnConfig:
     optim: OptimConfig = OptimConfig(
         optimizer="sgd", learning_rate=0.01, momentum=0.9, weight_decay=5e-4, epochs=10, batch_size=64
     )  # FT, RL, L1-sparse, SalUn, Boundary shrink: optimiser, epochs, batch (GA and SCRUB: lr and epochs below)
+    # Each method's own learning rate, as the references tune it per method (0 = unlearn.optim.learning_rate)
+    ft_learning_rate: float = 0.0  # FT (>= 0)
+    rl_learning_rate: float = 0.0  # RL (>= 0)
+    l1_learning_rate: float = 0.0  # L1-sparse (>= 0)
+    salun_learning_rate: float = 0.0  # SalUn (>= 0)
+    boundary_learning_rate: float = 0.0  # Boundary shrink (>= 0)
     ga_learning_rate: float = 1e-4  # GA (> 0)
     ga_epochs: int = 5  # GA's epochs over D_f (>= 0)
     l1_alpha: float = 5e-4  # L1-sparse: α, applied as α(1 - e/E) in epoch e = 0..E-1 (>= 0)
@@ -364,6 +370,7 @@ RULES: tuple[tuple[str, Range], ...] = (
     ("seed", Range(0, 2**32 - 1)),
     ("checkpoint_every", NON_NEGATIVE),
     ("*.learning_rate", POSITIVE),
+    *((f"unlearn.{m}_learning_rate", NON_NEGATIVE) for m in ("ft", "rl", "l1", "salun", "boundary")),  # 0 = optim's
     ("*learning_rate", POSITIVE),  # unlearn.ga_learning_rate, unlearn.scrub_learning_rate, ...
     ("*.momentum", Range(0, 1, high_open=True)),
     ("*.weight_decay", NON_NEGATIVE),

@@ -263,3 +263,32 @@ def test_default_original_model_fits_its_training_data_on_an_untuned_seed(tmp_pa
     assert fit["train_acc"] >= 0.98, fit
     assert fit["test_acc"] < fit["train_acc"] - 0.2  # 5,000 images: a generalisation gap, not a data leak
     assert saved["methods"]["retrain"]["ra"] >= 0.98  # Retrain (the same recipe) fits D_r too
+
+
+@pytest.mark.parametrize(
+    "name, field",
+    [("ft", "ft"), ("rl", "rl"), ("l1_sparse", "l1"), ("salun", "salun"), ("boundary_shrink", "boundary")],
+)
+def test_each_methods_own_learning_rate_reaches_its_optimiser(monkeypatch, name, field):
+    """``unlearn.<field>_learning_rate`` is the method's learning rate; 0 falls back to ``unlearn.optim``'s."""
+
+    class Built(Exception):
+        pass
+
+    seen = []
+
+    def optimizer(self, total_steps, learning_rate=None, optim=None):
+        seen.append(learning_rate or self.u.optim.learning_rate)
+        raise Built  # stop before any training
+
+    monkeypatch.setattr(Context, "optimizer", optimizer)
+    config = tiny_unlearn(scenario="partial_class", forget_class=2)
+    scenario = make_scenario(_task(config), config.unlearn, 0.1, seed=0)
+    network = build(config.model)
+    variables = network.init(jax.random.PRNGKey(0), scenario.retain.images.shape[1:], {HEAD: 10})
+    for value, expected in ((0.0, config.unlearn.optim.learning_rate), (0.123, 0.123)):
+        u = dataclasses.replace(config.unlearn, **{f"{field}_learning_rate": value})
+        ctx = Context(dataclasses.replace(config, unlearn=u), network, scenario, variables, 0, quiet=True)
+        with pytest.raises(Built):
+            load_methods()[name](ctx)
+        assert seen[-1] == expected

@@ -1,8 +1,9 @@
 """Boundary shrink (Chen et al., CVPR 2023; reference: the authors' ``boundary_unlearning.py`` /
 ``adv_generator.py`` and OPTML-Group/Unlearn-Saliency ``unlearn/boundary_sh.py``).
 
-Fine-tune on ``D_f`` for ``unlearn.optim.epochs`` epochs with ``unlearn.optim`` (the SalUn harness: lr
-0.01, 10 epochs; Chen et al. use lr 1e-5), every forget example once an epoch, with cross-entropy against
+Fine-tune on ``D_f`` for ``unlearn.optim.epochs`` epochs with ``unlearn.optim`` at
+``unlearn.boundary_learning_rate`` (0 = ``unlearn.optim``'s; the SalUn harness: lr 0.01, 10 epochs; Chen et
+al. use lr 1e-5), every forget example once an epoch, with cross-entropy against
 each example's *neighbour label*, recomputed per batch inside the step, on the batch as the model sees it
 (after the random flips), as the references do (``boundary_sh.py``: the FGSM attack and the label in the
 loop over the forget loader). For a forget image ``x`` in ``[0, 1]`` pixel units (``pixel / 255``; the
@@ -94,6 +95,6 @@ def boundary_shrink(ctx: Context) -> dict:
 
     stream, per_epoch = epochs_of(ctx, ctx.scenario.forget, seed=9)
     total = per_epoch * ctx.u.optim.epochs
-    tx = ctx.optimizer(total)
+    tx = ctx.optimizer(total, ctx.u.boundary_learning_rate or None)
     train_step = steps.custom_step(loss_fn, tx)
     return ctx.train(train_step, ctx.original, tx, cycle(constant(ctx.original), stream), total, "boundary_shrink")
