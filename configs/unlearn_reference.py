@@ -29,6 +29,11 @@ def reference_unlearn(base: UnlearnConfig) -> UnlearnConfig:
     return dataclasses.replace(
         base,
         optim=REFERENCE_OPTIM,
+        ft_learning_rate=0.0,  # 0: FT, RL, L1-sparse, SalUn and Boundary shrink at REFERENCE_OPTIM's rate
+        rl_learning_rate=0.0,
+        l1_learning_rate=0.0,
+        salun_learning_rate=0.0,
+        boundary_learning_rate=0.0,
         ga_learning_rate=1e-4,
         ga_epochs=5,
         l1_alpha=5e-4,

@@ -17,7 +17,16 @@ import pytest
 from sklearn.svm import SVC
 
 from dtl_jax import losses
-from dtl_jax.config import Config, DataConfig, ModelConfig, OptimConfig, TaskConfig, UnlearnConfig, load
+from dtl_jax.config import (
+    Config,
+    DataConfig,
+    ModelConfig,
+    OptimConfig,
+    TaskConfig,
+    UnlearnConfig,
+    load,
+    unlearn_default,
+)
 from dtl_jax.data import pipeline
 from dtl_jax.data.sources import ImageSplit
 from dtl_jax.data.tasks import make_task
@@ -410,10 +419,12 @@ def test_reference_preset_and_default_optimiser():
     assert (reference.scrub_learning_rate, reference.scrub_epochs, reference.scrub_max_epochs) == (5e-4, 3, 2)
     assert (reference.scrub_forget_batch, reference.kd_temperature, reference.boundary_step) == (512, 4.0, 0.1)
     assert (reference.l1_alpha, reference.salun_sparsity) == (5e-4, 0.5)
-    default = Config().unlearn  # the CPU-scale default departs in batch size only
-    assert dataclasses.replace(default.optim, batch_size=256) == reference.optim
-    assert default.scrub_forget_batch == 2 * default.optim.batch_size
-    assert (default.ga_epochs, default.scrub_epochs) == (5, 3)
+    own = ("ft", "rl", "l1", "salun", "boundary")  # every other method at the references' shared rate, 0.01
+    assert all(getattr(reference, f"{m}_learning_rate") == 0.0 for m in own)
+    for default in (Config().unlearn, unlearn_default().unlearn):  # the CPU-scale defaults: batch 64
+        assert dataclasses.replace(default.optim, batch_size=256) == reference.optim
+        assert default.scrub_forget_batch == 2 * default.optim.batch_size
+        assert (default.ga_epochs, default.scrub_epochs) == (5, 3)
 
 
 @pytest.mark.slow
