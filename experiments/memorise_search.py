@@ -30,7 +30,8 @@ with VA the accuracy on D_h and the attacks' non-members D_h; the summary is the
 95 % Student-t interval, UA's standard deviation against Retrain's, and whether a run diverged.
 
 ``paired`` reads a ``summary.json`` of ``dtl-jax unlearn --seeds ...`` and prints the paired per-seed
-differences SURE − every other method (gap, rep-MIA, UA, MIA-eff) with 95 % Student-t intervals.
+differences SURE − every other method (gap, rep-MIA, |rep-MIA − Retrain's| as ``rep_gap``, UA, MIA-eff)
+with 95 % Student-t intervals.
 """
 
 from __future__ import annotations
@@ -240,7 +241,10 @@ def paired(args) -> None:
     summary = json.loads(Path(args.workdir).read_text())
     rows = summary["rows"]
     values = {m: {k: v["values"] for k, v in r.items() if "values" in v} for m, r in rows.items()}
-    keys = ("gap", "rep_mia", "ua", "mia_efficacy")
+    oracle = values["retrain"]["rep_mia"]
+    for row in values.values():  # the representation attack's distance to Retrain's, per seed
+        row["rep_gap"] = [None if a is None else abs(a - b) for a, b in zip(row["rep_mia"], oracle)]
+    keys = ("gap", "rep_mia", "rep_gap", "ua", "mia_efficacy")
     print("| method − | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys))
     for ref in values:
         if ref in ("sure", "original"):
