@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
                 status = data_prep.prepare(name, args.data_dir, args.manual_dir, quiet=args.quiet)
                 print(f"{name}: {status.state} in {status.path}")
             return 0
-        config = config_lib.load(args.config)
+        config = config_lib.load(args.config, args.command)
         seeds = parse_seeds(args.seeds) if args.seeds is not None else None
         if args.command == "sweep":
             from dtl_jax import sweep

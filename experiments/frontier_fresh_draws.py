@@ -71,7 +71,7 @@ def fresh_attacks(exp, tl: dict, selected: dict, first_draw: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("workdir")
-    parser.add_argument("--config", default="frontier_study", help="the config the frontier ran (default frontier_study)")
+    parser.add_argument("--config", default="frontier_study", help="the config the frontier ran")
     parser.add_argument("--first-draw", type=int, default=10, help="the first fresh draw's number (default 10)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="the frontier's --set values")
     args = parser.parse_args()

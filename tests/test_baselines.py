@@ -17,7 +17,16 @@ import pytest
 from sklearn.svm import SVC
 
 from dtl_jax import losses
-from dtl_jax.config import Config, DataConfig, ModelConfig, OptimConfig, TaskConfig, UnlearnConfig, load
+from dtl_jax.config import (
+    Config,
+    DataConfig,
+    ModelConfig,
+    OptimConfig,
+    TaskConfig,
+    UnlearnConfig,
+    load,
+    unlearn_default,
+)
 from dtl_jax.data import pipeline
 from dtl_jax.data.sources import ImageSplit
 from dtl_jax.data.tasks import make_task
@@ -117,6 +126,7 @@ def step_calls(monkeypatch):
                           "after": jax.tree.map(np.array, new["opt_state"])})  # fmt: skip
             return new, out
 
+        wrapped.replicate = step.replicate  # the step's placement of per-step arguments (L1's alpha)
         return wrapped
 
     monkeypatch.setattr(steps, "custom_step", spy)
@@ -334,6 +344,32 @@ def test_boundary_neighbour_labels_match_the_reference_procedure(trained, device
 
 
 @pytest.mark.slow
+def test_boundary_labels_are_those_of_the_batch_as_trained_on(trained):
+    """The step labels each batch as it is trained on, after the random flips (the references recompute the
+    neighbour labels per batch inside the loop): on flipped images, the labels are the reference procedure's
+    on the flipped pixels."""
+    from dtl_jax.data.pipeline import normalize
+    from dtl_jax.unlearn.methods.boundary_shrink import batch_neighbour_labels
+
+    config, network, scenario, original = trained
+    d = config.data
+    images, labels = scenario.forget.images[:, :, ::-1], scenario.forget.labels  # every image flipped
+    f32 = np.float32
+    x = images.astype(f32) / f32(255)
+
+    def ce(z):
+        logits, _, _ = network.apply(original, z, head=HEAD, train=False)
+        return losses.cross_entropy(logits, labels)
+
+    sign = np.sign(np.asarray(jax.grad(ce)(jnp.asarray((x - f32(d.mean)) / f32(d.std))))).astype(f32)
+    neighbour = np.round(np.clip(x + f32(0.1) * sign, f32(0), f32(1)) * f32(255)) / f32(255)
+    logits, _, _ = network.apply(original, ((neighbour - d.mean) / d.std).astype(np.float32), head=HEAD, train=False)
+    label = jax.jit(lambda z, y: batch_neighbour_labels(network, original, z, y, 0.1, d.mean, d.std))
+    got = np.asarray(label(normalize(images, d.mean, d.std), labels))
+    np.testing.assert_array_equal(got, np.argmax(np.asarray(logits), -1))
+
+
+@pytest.mark.slow
 def test_salun_and_boundary_preprocessing_run_on_every_device(trained, monkeypatch, all_devices):
     """The saliency pass and the neighbour labels are ``steps.DataParallel`` over every device (4 here:
     ``tests/conftest.py``; the tests above check their results on 1 and on 4)."""
@@ -393,10 +429,12 @@ def test_reference_preset_and_default_optimiser():
     assert (reference.scrub_learning_rate, reference.scrub_epochs, reference.scrub_max_epochs) == (5e-4, 3, 2)
     assert (reference.scrub_forget_batch, reference.kd_temperature, reference.boundary_step) == (512, 4.0, 0.1)
     assert (reference.l1_alpha, reference.salun_sparsity) == (5e-4, 0.5)
-    default = Config().unlearn  # the CPU-scale default departs in batch size only
-    assert dataclasses.replace(default.optim, batch_size=256) == reference.optim
-    assert default.scrub_forget_batch == 2 * default.optim.batch_size
-    assert (default.ga_epochs, default.scrub_epochs) == (5, 3)
+    own = ("ft", "rl", "l1", "salun", "boundary")  # every other method at the references' shared rate, 0.01
+    assert all(getattr(reference, f"{m}_learning_rate") == 0.0 for m in own)
+    for default in (Config().unlearn, unlearn_default().unlearn):  # the CPU-scale defaults: batch 64
+        assert dataclasses.replace(default.optim, batch_size=256) == reference.optim
+        assert default.scrub_forget_batch == 2 * default.optim.batch_size
+        assert (default.ga_epochs, default.scrub_epochs) == (5, 3)
 
 
 @pytest.mark.slow

@@ -133,6 +133,8 @@ def test_pipeline_end_to_end_and_stage_reuse(tmp_path, monkeypatch):
         assert len(row["pl_curve"]) == config.piggyback.epochs
         assert row["pl_acc"] == row["pl_curve"][-1]
     assert saved["models"]["tl"]["target_acc"] > 0.5  # digits is easy: transfer must work
+    fit = saved["pretrain_fit"]  # the source model's fit after pre-training
+    assert 0.3 < fit["train_acc"] <= 1.0 and 0.3 < fit["test_acc"] <= 1.0, fit
     assert saved["models"] == json.loads(json.dumps(results["models"]))
     assert saved["versions"]["jax"]
 

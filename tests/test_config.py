@@ -55,6 +55,7 @@ def test_config_files_load_and_validate():
     for name in C.named_configs():
         assert isinstance(C.validate(C.load(name)), C.Config)
     assert C.load("default") == C.Config()
+    assert C.load(None) == C.Config() and C.load(None, "unlearn") == C.unlearn_default()
 
 
 def test_every_numeric_field_has_a_range_rule():

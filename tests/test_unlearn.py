@@ -176,7 +176,7 @@ def test_each_method_runs_and_changes_the_model(trained, name):
 def test_unlearn_command_end_to_end(tmp_path, monkeypatch, capsys):
     from dtl_jax.unlearn import runner
 
-    monkeypatch.setattr("dtl_jax.config.load", lambda path: tiny_unlearn())
+    monkeypatch.setattr("dtl_jax.config.load", lambda path, command="run": tiny_unlearn())
     code = cli.main(["unlearn", "--methods", "retrain,ft,sure", "--workdir", str(tmp_path), "--quiet"])
     assert code == 0
     out = capsys.readouterr().out
@@ -189,7 +189,8 @@ def test_unlearn_command_end_to_end(tmp_path, monkeypatch, capsys):
         assert row["rt_s"] > 0 and row["rrt"] > 0 and row["diverged"] is False
     assert saved["methods"]["retrain"]["gap"] == 0.0 and saved["methods"]["retrain"]["rrt"] == 1.0
     assert set(saved["scenario"]["indices"]) == {"forget", "val", "retain"}
-    assert runner.format_table(saved).count("\n") == 5
+    table = runner.format_table(saved)
+    assert table.count("\n") == 6 and table.startswith("original model: train acc (D_r ∪ D_f) ")
     from dtl_jax.report import write_report
 
     page = write_report(tmp_path).read_text()  # the CLI wrote it already; this checks it again
@@ -220,3 +221,75 @@ def test_runaway_loss_halts_the_step_and_nonfinite_models_get_no_metrics(trained
     broken = jax.tree.map(lambda x: x * np.nan, original)
     row = runner._metrics(network, broken, scenario, config)
     assert row["nonfinite_outputs"] is True and all(row[k] is None for k in runner.METRIC_KEYS)
+
+
+def test_original_fit_is_in_results_and_printed_above_the_table(tmp_path):
+    """The original model's fit (train accuracy on D_r ∪ D_f, test accuracy, loss-MIA) in results.json and
+    in the first line of the printed table, for one seed and for a summary over seeds (a tiny config: an
+    MLP on digits, one epoch)."""
+    from dtl_jax.unlearn import runner
+
+    config = tiny_unlearn(methods=("retrain",), original=OptimConfig(learning_rate=0.01, epochs=1, batch_size=64))
+    summary = runner.run_seeds(config, [0, 1], tmp_path, quiet=True)
+    results = json.loads((tmp_path / "seed-0" / "results.json").read_text())
+    fit, row = results["original_fit"], results["methods"]["original"]
+    n_r, n_f = results["scenario"]["sizes"]["retain"], results["scenario"]["sizes"]["forget"]
+    assert fit["train_acc"] == pytest.approx((row["ra"] * n_r + (1 - row["ua"]) * n_f) / (n_r + n_f))
+    assert 0.1 < fit["train_acc"] <= 1 and fit["test_acc"] == row["ta"] and fit["loss_mia"] == row["loss_mia"]
+    assert row["train_acc"] == fit["train_acc"] and "train_acc" not in results["methods"]["retrain"]
+    first = runner.format_table(results).splitlines()[0]
+    assert first == (
+        f"original model: train acc (D_r ∪ D_f) {fit['train_acc']:.3f}, test acc {fit['test_acc']:.3f}, "
+        f"loss-MIA {fit['loss_mia']:.3f}"
+    )
+    train = summary["rows"]["original"]["train_acc"]
+    assert train["n"] == 2 and train["values"][0] == pytest.approx(fit["train_acc"])
+    assert (
+        runner.format_table(summary)
+        .splitlines()[0]
+        .startswith(f"original model: train acc (D_r ∪ D_f) {train['mean']:.3f} ± {train['ci95']:.3f}, test acc ")
+    )
+
+
+@pytest.mark.slow
+def test_default_original_model_fits_its_training_data_on_an_untuned_seed(tmp_path):
+    """Issue 22's check: ``dtl-jax unlearn --methods retrain,ft --seed 7`` (the default experiment,
+    ``unlearn_default()``, on a seed that no search used) records the original model's train accuracy on
+    ``D_r ∪ D_f`` in results.json, and it is at least 0.98 (the memorisation regime). Minutes on 2 cores."""
+    code = cli.main(["unlearn", "--methods", "retrain,ft", "--seed", "7", "--workdir", str(tmp_path), "--quiet"])
+    assert code == 0
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["config"]["seed"] == 7 and saved["config"]["model"]["batch_norm"] is True
+    fit = saved["original_fit"]
+    assert fit["train_acc"] >= 0.98, fit
+    assert fit["test_acc"] < fit["train_acc"] - 0.2  # 5,000 images: a generalisation gap, not a data leak
+    assert saved["methods"]["retrain"]["ra"] >= 0.98  # Retrain (the same recipe) fits D_r too
+
+
+@pytest.mark.parametrize(
+    "name, field",
+    [("ft", "ft"), ("rl", "rl"), ("l1_sparse", "l1"), ("salun", "salun"), ("boundary_shrink", "boundary")],
+)
+def test_each_methods_own_learning_rate_reaches_its_optimiser(monkeypatch, name, field):
+    """``unlearn.<field>_learning_rate`` is the method's learning rate; 0 falls back to ``unlearn.optim``'s."""
+
+    class Built(Exception):
+        pass
+
+    seen = []
+
+    def optimizer(self, total_steps, learning_rate=None, optim=None):
+        seen.append(learning_rate or self.u.optim.learning_rate)
+        raise Built  # stop before any training
+
+    monkeypatch.setattr(Context, "optimizer", optimizer)
+    config = tiny_unlearn(scenario="partial_class", forget_class=2)
+    scenario = make_scenario(_task(config), config.unlearn, 0.1, seed=0)
+    network = build(config.model)
+    variables = network.init(jax.random.PRNGKey(0), scenario.retain.images.shape[1:], {HEAD: 10})
+    for value, expected in ((0.0, config.unlearn.optim.learning_rate), (0.123, 0.123)):
+        u = dataclasses.replace(config.unlearn, **{f"{field}_learning_rate": value})
+        ctx = Context(dataclasses.replace(config, unlearn=u), network, scenario, variables, 0, quiet=True)
+        with pytest.raises(Built):
+            load_methods()[name](ctx)
+        assert seen[-1] == expected

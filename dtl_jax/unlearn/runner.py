@@ -22,6 +22,7 @@ from dtl_jax.data.tasks import make_task
 from dtl_jax.evaluate import predict
 from dtl_jax.models import build
 from dtl_jax.summary import format_table as results_table
+from dtl_jax.summary import mean_ci
 from dtl_jax.train import steps
 from dtl_jax.train.checkpointed import CheckpointedStage
 from dtl_jax.train.compiled import Compiled
@@ -145,6 +146,8 @@ def run(
     histories = {"original": original_meta["history"]}
     rows = {"original": _metrics(network, original, scenario, config, compiled)}
     rows["original"].update(rt_s=0.0, compile_s=0.0, diverged=False, halted_at=None)
+    fit = original_fit(rows["original"], scenario)
+    rows["original"]["train_acc"] = fit["train_acc"]
     for name, method in methods.items():
 
         def unlearn(stage: CheckpointedStage, method=method):
@@ -170,6 +173,7 @@ def run(
         row["rrt"] = row["rt_s"] / oracle["rt_s"] if oracle and oracle["rt_s"] > 0 else None
     results = {
         "provenance": provenance(original),  # command, commit, devices, CPU, dtype: the report's header
+        "original_fit": fit,
         "methods": rows,
         "stages": _stages(histories),
         "scenario": {
@@ -191,6 +195,18 @@ def run(
     write_json(workdir / "results.json", results)
     writer.close()
     return results
+
+
+def original_fit(row: dict, scenario) -> dict:
+    """How well the original model fits its training data ``D_r ∪ D_f``: ``train_acc`` (its accuracy there,
+    ``(RA·|D_r| + (1 − UA)·|D_f|) / (|D_r| + |D_f|)``), ``test_acc`` (TA) and ``loss_mia`` (the loss-threshold
+    attack on forget vs test examples; 0.5 = the forget set looks unseen). None each for a non-finite model.
+    The memorisation regime of the references (ResNet-18 on CIFAR-10) has train accuracy ≈ 1."""
+    if row["ua"] is None:
+        return dict.fromkeys(("train_acc", "test_acc", "loss_mia"))
+    n_r, n_f = len(scenario.retain), len(scenario.forget)
+    train_acc = (row["ra"] * n_r + (1.0 - row["ua"]) * n_f) / (n_r + n_f)
+    return {"train_acc": float(train_acc), "test_acc": row["ta"], "loss_mia": row["loss_mia"]}
 
 
 def _stages(histories: dict) -> dict:
@@ -229,11 +245,30 @@ COLUMNS = (
 )  # fmt: skip
 
 
-SUMMARY_KEYS = (*METRIC_KEYS, "gap", "rt_s", "rrt")
+SUMMARY_KEYS = (*METRIC_KEYS, "gap", "rt_s", "rrt", "train_acc")  # train_acc: the original model's row only
 
 
 def format_table(results: dict) -> str:
-    """The table ``dtl-jax unlearn`` prints: one seed's results, or a summary's mean ± 95 % CI."""
+    """The table ``dtl-jax unlearn`` prints: one seed's results, or a summary's mean ± 95 % CI; above it,
+    the original model's fit (``fit_line``)."""
     if "rows" in results:
-        return results_table(results["rows"], COLUMNS[:-2], "method", width=15, seeds=results["seeds"])
-    return results_table(results["methods"], COLUMNS, "method", width=10)
+        return (
+            fit_line(results)
+            + "\n"
+            + results_table(results["rows"], COLUMNS[:-2], "method", width=15, seeds=results["seeds"])
+        )
+    return fit_line(results) + "\n" + results_table(results["methods"], COLUMNS, "method", width=10)
+
+
+def fit_line(results: dict) -> str:
+    """``original model: train acc (D_r ∪ D_f) 0.995, test acc 0.610, loss-MIA 0.668`` for one seed's
+    results (its ``original_fit``) or a summary (mean ± 95 % CI of the original row's metrics)."""
+    names = (("train_acc", "train acc (D_r ∪ D_f)"), ("test_acc", "test acc"), ("loss_mia", "loss-MIA"))
+    if "rows" in results:
+        row = results["rows"].get("original", {})
+        entries = {"train_acc": row.get("train_acc"), "test_acc": row.get("ta"), "loss_mia": row.get("loss_mia")}
+        cells = [f"{title} {'-' if entries[k] is None else mean_ci(entries[k])}" for k, title in names]
+    else:
+        fit = results.get("original_fit", {})
+        cells = [f"{title} {'-' if fit.get(k) is None else format(fit[k], '.3f')}" for k, title in names]
+    return "original model: " + ", ".join(cells)

@@ -1,6 +1,7 @@
 """L1-sparse: FT plus ``α_e ||θ||_1`` over all parameters, with ``α_e = α(1 - e/E)`` in epoch
 ``e = 0..E-1`` (``α = unlearn.l1_alpha``, ``E = unlearn.optim.epochs``): constant within an epoch, ``α`` in
-the first and ``α/E`` in the last (reference: OPTML-Group/Unlearn-Sparse ``unlearn/FT.py``)."""
+the first and ``α/E`` in the last (reference: OPTML-Group/Unlearn-Sparse ``unlearn/FT.py``); ``unlearn.optim`` at
+``unlearn.l1_learning_rate`` (0 = ``unlearn.optim``'s)."""
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +32,7 @@ def l1_sparse(ctx: Context) -> dict:
     stream, per_epoch = epochs_of(ctx, ctx.scenario.retain, seed=5)
     epochs = ctx.u.optim.epochs
     total = per_epoch * epochs
-    tx = ctx.optimizer(total)
+    tx = ctx.optimizer(total, ctx.u.l1_learning_rate or None)
     step = steps.custom_step(loss_fn, tx)
     alphas = (step.replicate(a) for a in epoch_alphas(ctx.u.l1_alpha, epochs, per_epoch))  # placed per step
     return ctx.train(step, ctx.original, tx, cycle(alphas, stream), total, "l1_sparse")

@@ -1,6 +1,7 @@
 """RL (random labels): every epoch, one pass over ``D_f`` with labels drawn uniformly from all classes
 (the true class may be drawn; fresh labels every epoch), then one pass over ``D_r`` with the true labels;
-one optimiser throughout, every example once an epoch (reference: OPTML-Group ``unlearn/RL.py``)."""
+one optimiser throughout (``unlearn.optim`` at ``unlearn.rl_learning_rate``, 0 = ``unlearn.optim``'s), every
+example once an epoch (reference: OPTML-Group ``unlearn/RL.py``)."""
 
 from collections.abc import Iterator
 
@@ -30,4 +31,4 @@ def relabel_then_retain(ctx: Context, seed: int) -> tuple[Iterator, int]:
 @register("rl")
 def random_labels(ctx: Context) -> dict:
     stream, total = relabel_then_retain(ctx, seed=4)
-    return supervised(ctx, ctx.original, stream, total, "rl", ctx.optimizer(total))
+    return supervised(ctx, ctx.original, stream, total, "rl", ctx.optimizer(total, ctx.u.rl_learning_rate or None))

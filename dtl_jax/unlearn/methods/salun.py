@@ -7,9 +7,9 @@ the absolute value is taken after summing). Mask: exactly the top ``k = int(unle
 of the ``n`` weights, ranked over all parameters at once by a stable argsort of ``-s`` (ties go to the
 earlier weight in ``jax.tree.leaves`` order, so ties never select more than ``k``).
 
-Update: RL's data stream and loss; gradients outside the mask are zeroed and, after every update, weights
-outside the mask are reset to their original values, so that momentum and weight decay cannot move them
-either (they stay bitwise equal)."""
+Update: RL's data stream and loss at ``unlearn.salun_learning_rate`` (0 = ``unlearn.optim``'s); gradients
+outside the mask are zeroed and, after every update, weights outside the mask are reset to their original
+values, so that momentum and weight decay cannot move them either (they stay bitwise equal)."""
 
 import jax
 import jax.numpy as jnp
@@ -82,7 +82,7 @@ def salun(ctx: Context) -> dict:
         return jax.tree.map(lambda p, m, o: jnp.where(m, p, o), params, mask, original)
 
     stream, total = relabel_then_retain(ctx, seed=6)
-    tx = ctx.optimizer(total)
+    tx = ctx.optimizer(total, ctx.u.salun_learning_rate or None)
     step = steps.custom_step(loss_fn, tx, project=project)
     aux = (mask, ctx.original["params"])
     return ctx.train(step, ctx.original, tx, cycle(constant(aux), stream), total, "salun")

@@ -18,8 +18,8 @@ little more than an FT step.
 ``α`` follows the DANN warm-up ``α_max (2 / (1 + exp(−10 p)) − 1)`` with ``p = t / (T − 1)`` the progress
 (``sure_schedule=dann``) or stays at ``α_max = sure_alpha`` (``constant``). With SGD, ``w`` sets how fast
 ``G_d`` learns and ``α · w`` how hard the features are pushed. SURE trains with its own optimiser
-``unlearn.sure_optim`` (learning rate, retain batch, epochs: ``T = ⌈|D_r| / batch⌉ · epochs`` steps), not
-the baselines' shared ``unlearn.optim``.
+``unlearn.sure_optim`` (learning rate, retain batch, epochs: ``T = ⌊|D_r| / batch⌋ · epochs`` steps, the
+last partial batch of each epoch dropped), not the baselines' shared ``unlearn.optim``.
 
 Logged every step (``logs/metrics.jsonl``, stage ``sure``, and the report's SURE panel): ``ce`` (retain
 cross-entropy), ``domain_bce`` (``BCE_bal``), ``alpha``, ``domain_acc_forget`` / ``domain_acc_val`` (the
