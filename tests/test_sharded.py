@@ -233,7 +233,7 @@ GC_CASES = [
     pytest.param(layout, normalized, mode, marks=() if layout in ("2x2", "1x3_padded") and mode == "jvp" else slow)
     for layout in GC_LAYOUTS
     for normalized in (False, True)
-    for mode in ("jvp", "linearize", "low_memory", *(("replicated",) if layout == "2x2" else ()))
+    for mode in ("jvp", "linearize", "batched", "low_memory", *(("replicated",) if layout == "2x2" else ()))
 ]
 
 
