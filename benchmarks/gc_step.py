@@ -152,13 +152,22 @@ def _warm(step, params, batch):
 
 
 def measure(
-    model: str, batch_size: int, num_chunks: int, image_size: int, repeats: int, variants, dtype: str = "float32"
+    model: str,
+    batch_size: int,
+    num_chunks: int,
+    image_size: int,
+    repeats: int,
+    variants,
+    dtype: str = "float32",
+    widths: tuple[int, ...] | None = None,
 ) -> list[dict]:
     """One row per variant: its step time against the plain step's, both median ms over ``repeats`` rounds in
     which every step runs once (interleaved: load changes on a shared machine hit all alike), and its gradient's
     largest difference from ``jvp``'s (per leaf, relative to the leaf's largest entry) at the same parameters.
-    ``dtype`` is the backbone's compute dtype (``ModelConfig.dtype``; parameters float32 either way)."""
-    network = build(ModelConfig(name=model, widths=WIDTHS[model], dtype=dtype))
+    ``dtype`` is the backbone's compute dtype (``ModelConfig.dtype``; parameters float32 either way); ``widths``
+    the model's (default ``WIDTHS[model]``)."""
+    widths = tuple(widths or WIDTHS[model])
+    network = build(ModelConfig(name=model, widths=widths, dtype=dtype))
     key = jax.random.PRNGKey(0)
     variables = network.init(key, (image_size, image_size, 3), {"source": 10})
     stats = variables["batch_stats"]
@@ -194,7 +203,9 @@ def measure(
         compiled = steps[name].lower(variables["params"], batch).compile()
         cost = compiled.cost_analysis()
         cost = (cost[0] if isinstance(cost, list) else cost) or {}
-        programs[name] = {**structure(compiled.as_text()), "flops": float(cost.get("flops", 0.0))}
+        memory = compiled.memory_analysis()
+        programs[name] = {**structure(compiled.as_text()), "flops": float(cost.get("flops", 0.0)),
+                          "temp_bytes": int(memory.temp_size_in_bytes) if memory is not None else None}  # fmt: skip
     load_before = os.getloadavg()
     times = {name: [] for name in names}
     for _ in range(repeats):
@@ -214,12 +225,14 @@ def measure(
         norm = lambda tree: jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))  # noqa: E731
         global_error = float(norm(jax.tree.map(jnp.subtract, grads[name], reference)) / (norm(reference) + 1e-30))
         program, plain = programs[name], programs["plain"]
-        rows.append({"model": model, "batch": batch_size, "num_chunks": num_chunks, "image_size": image_size,
-                     "dtype": dtype, "variant": name, "plain_ms": plain_ms, "gc_ms": ms, "ratio": ms / plain_ms,
+        rows.append({"model": model, "widths": list(widths), "batch": batch_size, "num_chunks": num_chunks,
+                     "image_size": image_size, "dtype": dtype, "variant": name, "plain_ms": plain_ms, "gc_ms": ms,
+                     "ratio": ms / plain_ms,
                      "max_rel_diff_vs_jvp": error, "rel_norm_diff_vs_jvp": global_error, "repeats": repeats,
                      "program": program, "plain_program": plain,
                      "flops_ratio": program["flops"] / plain["flops"] if plain["flops"] else None,
                      "ops_ratio": program["ops"] / plain["ops"] if plain["ops"] else None,
+                     "temp_ratio": program["temp_bytes"] / plain["temp_bytes"] if plain["temp_bytes"] else None,
                      "load_average_before": list(load_before), "load_average_after": list(load_after),
                      "device": jax.devices()[0].device_kind})  # fmt: skip
     return rows

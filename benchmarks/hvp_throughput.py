@@ -42,9 +42,11 @@ def _median_ms(call, repeats: int) -> float:
     return statistics.median(times)
 
 
-def measure(model: str, batch_size: int, image_size: int, repeats: int, dtype: str = "float32") -> dict:
-    """``dtype``: the backbone's compute dtype (``ModelConfig.dtype``; parameters and direction float32)."""
-    network = build(ModelConfig(name=model, widths=WIDTHS[model], dtype=dtype))
+def measure(model: str, batch_size: int, image_size: int, repeats: int, dtype: str = "float32", widths=None) -> dict:
+    """``dtype``: the backbone's compute dtype (``ModelConfig.dtype``; parameters and direction float32);
+    ``widths``: the model's (default ``WIDTHS[model]``)."""
+    widths = tuple(widths or WIDTHS[model])
+    network = build(ModelConfig(name=model, widths=widths, dtype=dtype))
     key, data_key, direction_key = jax.random.split(jax.random.PRNGKey(0), 3)
     variables = network.init(key, (image_size, image_size, 3), {"source": NUM_CLASSES})
     params, batch_stats = variables["params"], variables["batch_stats"]
@@ -68,6 +70,7 @@ def measure(model: str, batch_size: int, image_size: int, repeats: int, dtype: s
     grad_ms = min(grad_ms, _median_ms(lambda: gradient(params, batch), repeats))  # drift check
     return {
         "model": model,
+        "widths": list(widths),
         "batch": batch_size,
         "image_size": image_size,
         "dtype": dtype,
