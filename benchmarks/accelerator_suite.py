@@ -1,34 +1,55 @@
-"""The benchmark set in one command, sized for one GPU (at most 8 minutes), written as one JSON.
+"""The benchmark set in one command, sized for one GPU (at most 8 minutes by estimate), written as one JSON.
 
     python benchmarks/accelerator_suite.py --json suite.json            # on a GPU (or TPU) machine
-    python benchmarks/accelerator_suite.py --tiny --json suite.json     # CI: CPU, well under a minute
+    python benchmarks/accelerator_suite.py --tiny --json suite.json     # CI: CPU, a few minutes
 
 Sections, in this order (each also a script of its own in ``benchmarks/``, called here in-process):
 
 ``device``       the JAX backend, its devices and versions; at the end, the device's memory statistics
                  (peak bytes in use, where the backend reports them).
 ``gc_step``      a GC disposal gradient step against a plain cross-entropy step on the same batch
-                 (``gc_step.measure``): the small CNN, batch 128, K = 4, 32x32, HVP modes jvp and
-                 linearize; ResNet-18 at batch 64 (jvp). Ratio GC ms / plain ms.
+                 (``gc_step.measure``, steps interleaved): the small CNN, batch 128, K = 4, 32x32, HVP modes
+                 jvp, linearize and batched, and in bfloat16 (``model.dtype``) jvp; ResNet-18 at batch 64,
+                 jvp and batched, and in bfloat16 jvp. Ratio GC ms / plain ms; each step's compiled program
+                 (kernels, convolutions, FLOPs, temporary memory: ``gc_structure.structure``).
+``gc_resnet``    ResNet-18's GC step at batches 32 and 128 (K = 4, 32x32), jvp and batched: with batch 64
+                 above, how the ratio moves with the batch.
 ``hvp``          Hessian-vector-product throughput and HVP / gradient cost (``hvp_throughput.measure``):
-                 MLP and CNN at batch 128 and 512, ResNet-18 at 64.
+                 MLP batch 128, CNN 128 and 512, ResNet-18 64 (float32 and bfloat16), and ResNet-18 at
+                 224x224, batch 32 (for comparison with published HVP / gradient figures; this ResNet-18 is
+                 the CIFAR variant, a 3x3 stem without max-pool, so at 224x224 it computes about 15x an
+                 ImageNet ResNet-18).
+``sophon``       SOPHON's step against the plain and GC steps (``sophon_step.measure``: the default small
+                 CNN, 16x16, batch 64; k = 1 and 4 inner steps, first order and both second-order modes).
+``memory``       XLA's compiled memory analysis of the GC step against the plain step (``memory.measure``;
+                 nothing runs): the small CNN, batch 128, K = 4, every HVP mode and ``low_memory`` (ResNet-18's
+                 jvp and batched temporaries are in ``gc_step``'s programs).
 ``vs_pytorch``   our GC step against the same step in PyTorch on the same device (CUDA when JAX runs on
                  a GPU; skipped, with the reason, when PyTorch is not importable or cannot reach the
                  device JAX uses): the small CNN, batch 128, K = 4, same weights, GC values checked to
                  agree, steps timed in turns.
-``memory``       XLA's compiled memory analysis of the GC step against the plain step
-                 (``memory.measure``; nothing runs): CNN batch 128, ResNet-18 batch 64, K = 4.
 ``scaling``      every stage's step (``scaling.measure_stages``: pre-training, transfer, refit, disposal,
                  piggyback learning, an unlearning step, prediction) on meshes of 1, 2, 4, ... of the
                  available devices: step time, speed-up, per-device FLOPs, bytes communicated.
 ``default_run``  the wall time of ``dtl-jax run`` (the default experiment) in a fresh workdir with an
                  empty compilation cache, as a subprocess, and its results table.
+``determinism``  ``dtl-jax run --deterministic`` twice: the first in a fresh workdir with an empty compilation
+                 cache (its wall time against ``default_run``'s is the flag's cost), the second in another
+                 fresh workdir reusing the first's compilation cache, as a user's repeated runs do by default
+                 (``--determinism-cold``: an empty one of its own); whether the two ``results.json`` model
+                 rows are identical, and how the first differs from ``default_run``'s.
 
-``--tiny`` shrinks every section (an MLP or a 2-stage CNN at 8x8, batches of 8-16, 2 repeats, a
-few-step run on digits) so that CI exercises every code path on a CPU. A section that fails records its
-error and the others still run (the exit code is then 1); ``--budget-s`` (default 450) bounds the whole:
-a section not started before the budget is spent is recorded as skipped, and the default run gets what
-is left (at least a minute) as its timeout.
+``--tiny`` shrinks every section (an MLP, a 2-stage CNN or a narrow ResNet-18 at 8x8, batches of 8-16,
+2 repeats, a few-step run on digits) so that CI exercises every code path on a CPU. A section that fails
+records its error and the others still run (the exit code is then 1). ``--budget-s`` (default 470) bounds
+the whole: a section starts only if its estimated time (``ESTIMATE_S``) and the estimates of the default run
+and determinism sections after it still fit; one that does not is recorded as skipped, and the runs get
+what is left (at least a minute each) as their timeouts.
+
+``ESTIMATE_S``: each section's expected time on one H200, from the suite's one run there (default run
+65.5 s; GC steps in milliseconds, so a section's time is mostly compilation) and compilation times scaled
+from the programs' sizes (``gc_structure``: ResNet-18's GC step is about 3,400 kernels against the default
+run's largest, the small CNN's GC step, at about 650): 465 s in all.
 """
 
 from __future__ import annotations
@@ -47,8 +68,13 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
-SECTIONS = ("gc_step", "hvp", "vs_pytorch", "memory", "scaling", "default_run")
-DEFAULT_RUN_RESERVE_S = 150  # kept for the default run when deciding whether to start another section
+SECTIONS = ("gc_step", "gc_resnet", "hvp", "sophon", "memory", "vs_pytorch", "scaling", "default_run", "determinism")
+RUNS = ("default_run", "determinism")  # run last; their estimates are kept free while earlier sections start
+# Seconds on one H200 (module docstring): compilation, mostly; the runs cold (the determinism section's
+# second run warm); the deterministic run assumed to cost at most 1.1x the default one.
+ESTIMATE_S = {"gc_step": 90, "gc_resnet": 70, "hvp": 55, "sophon": 25, "memory": 15, "vs_pytorch": 20,
+              "scaling": 20, "default_run": 70, "determinism": 100}  # fmt: skip
+TINY_RESNET = (4, 4, 4, 4)  # ResNet-18's widths in --tiny
 
 
 def device_info() -> dict:
@@ -72,30 +98,70 @@ def memory_stats() -> dict:
     return {k: int(stats[k]) for k in keys if k in stats}
 
 
-def gc_step_section(tiny: bool, repeats: int) -> dict:
+def _gc_rows(cases, repeats: int) -> list[dict]:
     import gc_step
 
-    cases = [("mlp", 16, 2, 8, ["jvp"])]
-    if not tiny:
-        cases = [("cnn", 128, 4, 32, ["jvp", "linearize"]), ("resnet18", 64, 4, 32, ["jvp"])]
     rows = []
-    for model, batch, chunks, size, variants in cases:
-        rows += gc_step.measure(model, batch, chunks, size, repeats, variants)
-    return {"rows": rows, "ratio": {f"{r['model']}/{r['variant']}": r["ratio"] for r in rows}}
+    for model, widths, batch, chunks, size, dtype, variants in cases:
+        rows += gc_step.measure(model, batch, chunks, size, repeats, variants, dtype, widths)
+    return rows
+
+
+def _ratios(rows) -> dict:
+    return {f"{r['model']}/{r['batch']}/{r['dtype']}/{r['variant']}": r["ratio"] for r in rows}
+
+
+def gc_step_section(tiny: bool, repeats: int) -> dict:
+    cases = [("mlp", None, 16, 2, 8, "float32", ["jvp", "batched"]), ("mlp", None, 16, 2, 8, "bfloat16", ["jvp"])]
+    if not tiny:
+        cases = [
+            ("cnn", None, 128, 4, 32, "float32", ["jvp", "linearize", "batched"]),
+            ("cnn", None, 128, 4, 32, "bfloat16", ["jvp"]),
+            ("resnet18", None, 64, 4, 32, "float32", ["jvp", "batched"]),
+            ("resnet18", None, 64, 4, 32, "bfloat16", ["jvp"]),
+        ]
+    rows = _gc_rows(cases, repeats)
+    return {"rows": rows, "ratio": _ratios(rows)}
+
+
+def gc_resnet_section(tiny: bool, repeats: int) -> dict:
+    """ResNet-18's GC / plain at the batches around ``gc_step``'s 64 (``--tiny``: a narrow one at 8x8)."""
+    if tiny:
+        cases = [("resnet18", TINY_RESNET, 8, 2, 8, "float32", ["jvp", "batched"])]
+    else:
+        cases = [("resnet18", None, batch, 4, 32, "float32", ["jvp", "batched"]) for batch in (32, 128)]
+    rows = _gc_rows(cases, repeats)
+    return {"rows": rows, "ratio": _ratios(rows)}
 
 
 def hvp_section(tiny: bool, repeats: int) -> dict:
     import hvp_throughput
 
-    cases = [("mlp", 16, 8)] if tiny else [("mlp", 128, 32), ("mlp", 512, 32), ("cnn", 128, 32), ("cnn", 512, 32),
-                                           ("resnet18", 64, 32)]  # fmt: skip
-    return {"rows": [hvp_throughput.measure(model, batch, size, repeats) for model, batch, size in cases]}
+    if tiny:
+        cases = [("mlp", 16, 8, "float32"), ("mlp", 16, 8, "bfloat16"), ("cnn", 8, 16, "float32")]
+    else:
+        cases = [("mlp", 128, 32, "float32"), ("cnn", 128, 32, "float32"), ("cnn", 512, 32, "float32"),
+                 ("resnet18", 64, 32, "float32"), ("resnet18", 64, 32, "bfloat16"),
+                 ("resnet18", 32, 224, "float32")]  # fmt: skip
+    widths = {"cnn": (4, 8)} if tiny else {}
+    return {"rows": [hvp_throughput.measure(m, b, size, repeats, dtype, widths.get(m)) for m, b, size, dtype in cases]}
+
+
+def sophon_section(tiny: bool, repeats: int) -> dict:
+    """``sophon_step.measure``: plain, GC and SOPHON (first order, second order by HVPs and by reverse mode)."""
+    import sophon_step
+
+    from dtl_jax.config import ModelConfig
+
+    if tiny:
+        return sophon_step.measure((4, 8), 8, 8, (1,), 4, repeats)
+    return sophon_step.measure(ModelConfig().widths, 16, 64, (1, 4), 4, repeats)
 
 
 def memory_section(tiny: bool) -> dict:
     import memory
 
-    cases = [("mlp", 16, 2, 8)] if tiny else [("cnn", 128, 4, 32), ("resnet18", 64, 4, 32)]
+    cases = [("mlp", 16, 2, 8)] if tiny else [("cnn", 128, 4, 32)]
     return {"rows": [memory.measure(*case) for case in cases]}
 
 
@@ -171,61 +237,119 @@ TINY_RUN = [str(REPO / "configs" / "digits.py"), "--set", "pretrain.epochs=1", "
             "--set", "piggyback.epochs=1", "--set", "piggyback.repeats=1", "--set", "checkpoint_every=0"]  # fmt: skip
 
 
+MODEL_KEYS = ("target_acc", "source_acc", "pl_acc", "mia_acc")
+
+
+def _dtl_run(tiny: bool, timeout: float, cache: Path, workdir: Path, *extra: str) -> tuple[float, dict]:
+    """``dtl-jax run`` (``--tiny``: a few steps on digits) as a subprocess with the compilation cache ``cache``:
+    its wall time, start-up included, and its ``results.json``."""
+    env = {**os.environ, "DTL_JAX_COMPILATION_CACHE": str(cache)}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "dtl_jax.cli", "run", *(TINY_RUN if tiny else []), *extra, "--quiet",
+           "--workdir", str(workdir)]  # fmt: skip
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+    wall = time.perf_counter() - start
+    if proc.returncode:
+        raise RuntimeError(f"dtl-jax run {' '.join(extra)} failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
+    return wall, json.loads((workdir / "results.json").read_text())
+
+
+def _models(results: dict, keys=MODEL_KEYS) -> dict:
+    return {name: {k: row[k] for k in keys} for name, row in results["models"].items()}
+
+
 def default_run_section(tiny: bool, timeout: float) -> dict:
     """``dtl-jax run`` (``--tiny``: a few steps on digits) in a fresh workdir with an empty compilation
     cache: the first run's wall time, start-up included."""
     with tempfile.TemporaryDirectory() as tmp:
-        env = {**os.environ, "DTL_JAX_COMPILATION_CACHE": str(Path(tmp) / "cache")}
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
-        cmd = [sys.executable, "-m", "dtl_jax.cli", "run", *(TINY_RUN if tiny else []), "--quiet",
-               "--workdir", str(Path(tmp) / "run")]  # fmt: skip
-        start = time.perf_counter()
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
-        wall = time.perf_counter() - start
-        if proc.returncode:
-            raise RuntimeError(f"dtl-jax run failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
-        results = json.loads((Path(tmp) / "run" / "results.json").read_text())
+        wall, results = _dtl_run(tiny, timeout, Path(tmp) / "cache", Path(tmp) / "run")
     return {
         "config": "digits, a few steps" if tiny else "default",
         "wall_s": wall,
         "run_s": results["seconds"],
-        "models": {name: {k: row[k] for k in ("target_acc", "source_acc", "pl_acc", "mia_acc")}
-                   for name, row in results["models"].items()},
+        "models": _models(results),
+        "all_models": results["models"],
         "stage_devices": sorted({stage["devices"] for stage in results["stages"].values()}),
-    }  # fmt: skip
+    }
+
+
+def determinism_section(tiny: bool, timeout: float, cold: bool, baseline: dict) -> dict:
+    """``dtl-jax run --deterministic`` twice (module docstring): the flag's cost against ``baseline`` (the
+    ``default_run`` section's result, the same run without it), and whether two runs of one seed with it
+    give identical ``results.json`` model rows (every value of every model's row, compared exactly)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        first_cache = Path(tmp) / "cache"
+        wall, first = _dtl_run(tiny, timeout, first_cache, Path(tmp) / "first", "--deterministic")
+        remaining = max(60.0, timeout - wall)
+        second_cache = Path(tmp) / "cache2" if cold else first_cache
+        wall_2, second = _dtl_run(tiny, remaining, second_cache, Path(tmp) / "second", "--deterministic")
+    rows_1, rows_2 = first["models"], second["models"]
+    differ = sorted(f"{m}.{k}" for m in rows_1 for k in rows_1[m] if rows_2.get(m, {}).get(k) != rows_1[m][k])
+    differ += sorted(f"{m} (missing)" for m in set(rows_1) ^ set(rows_2))
+    out = {
+        "config": "digits, a few steps" if tiny else "default",
+        "recorded": first.get("runtime", {}).get("deterministic"),
+        "wall_s": wall,
+        "second_wall_s": wall_2,
+        "second_run_cache": "empty" if cold else "the first run's (warm)",
+        "identical": not differ,
+        "differing": differ,
+        "models": _models(first),
+    }
+    if "wall_s" in baseline:
+        out["baseline_wall_s"] = baseline["wall_s"]
+        out["cost"] = wall / baseline["wall_s"]
+        base = baseline.get("all_models", baseline["models"])
+        out["same_as_default_run"] = all(base.get(m) == {k: rows_1[m].get(k) for k in base[m]} for m in base)
+    return out
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="small everything: CI on a CPU")
     parser.add_argument("--json", default="accelerator_suite.json", help="where to write the results")
-    parser.add_argument("--budget-s", type=float, default=450.0, help="the whole suite's time budget")
+    parser.add_argument("--budget-s", type=float, default=470.0, help="the whole suite's time budget")
     parser.add_argument("--repeats", type=int, default=0, help="timed repeats per measurement (0: 10, tiny 2)")
     parser.add_argument("--skip", default="", help=f"comma list of sections to leave out: {', '.join(SECTIONS)}")
+    parser.add_argument(
+        "--determinism-cold", action="store_true",
+        help="the determinism section's second run with an empty compilation cache of its own (about 35 s more)",
+    )  # fmt: skip
     args = parser.parse_args()
     skip = {s for s in args.skip.split(",") if s}
     if skip - set(SECTIONS):
         parser.error(f"--skip: unknown section(s) {', '.join(sorted(skip - set(SECTIONS)))}")
     repeats = args.repeats or (2 if args.tiny else 10)
     start = time.perf_counter()
-    out: dict = {"tiny": args.tiny, "device": device_info(), "sections": {}, "seconds": {}}
+    out: dict = {"tiny": args.tiny, "device": device_info(), "sections": {}, "seconds": {}, "estimate_s": ESTIMATE_S,
+                 "budget_s": args.budget_s, "load_average_before": list(os.getloadavg())}  # fmt: skip
+    left = lambda: max(60.0, args.budget_s - (time.perf_counter() - start))  # noqa: E731
     runners = {
         "gc_step": lambda: gc_step_section(args.tiny, repeats),
+        "gc_resnet": lambda: gc_resnet_section(args.tiny, repeats),
         "hvp": lambda: hvp_section(args.tiny, repeats),
-        "vs_pytorch": lambda: vs_pytorch_section(args.tiny, repeats),
+        "sophon": lambda: sophon_section(args.tiny, repeats),
         "memory": lambda: memory_section(args.tiny),
+        "vs_pytorch": lambda: vs_pytorch_section(args.tiny, repeats),
         "scaling": lambda: scaling_section(args.tiny, repeats),
-        "default_run": lambda: default_run_section(args.tiny, max(60.0, args.budget_s - (time.perf_counter() - start))),
+        "default_run": lambda: default_run_section(args.tiny, left()),
+        "determinism": lambda: determinism_section(
+            args.tiny, left(), args.determinism_cold, out["sections"].get("default_run", {})
+        ),
     }
     failed = False
-    for name in SECTIONS:
+    for i, name in enumerate(SECTIONS):
         elapsed = time.perf_counter() - start
-        reserve = 0 if name == "default_run" or "default_run" in skip else DEFAULT_RUN_RESERVE_S
+        reserve = sum(ESTIMATE_S[r] for r in RUNS if r not in skip and SECTIONS.index(r) > i)
         if name in skip:
             out["sections"][name] = {"skipped": "--skip"}
             continue
-        if not args.tiny and elapsed > args.budget_s - reserve:
-            out["sections"][name] = {"skipped": f"time budget ({elapsed:.0f} s of {args.budget_s:.0f} s spent)"}
+        needed = 0 if name in RUNS else ESTIMATE_S[name] + reserve
+        if not args.tiny and elapsed + needed > args.budget_s:
+            out["sections"][name] = {
+                "skipped": f"time budget ({elapsed:.0f} s of {args.budget_s:.0f} s spent, {needed:.0f} s needed)"
+            }
             continue
         t0 = time.perf_counter()
         print(f"[{elapsed:6.1f} s] {name} ...", file=sys.stderr, flush=True)
@@ -237,6 +361,7 @@ def main() -> int:
         out["seconds"][name] = time.perf_counter() - t0
     out["device"]["memory_stats"] = memory_stats()
     out["total_s"] = time.perf_counter() - start
+    out["load_average_after"] = list(os.getloadavg())
     Path(args.json).write_text(json.dumps(out, indent=1, default=float))
     print(summary(out))
     return 1 if failed else 0
@@ -249,12 +374,20 @@ def summary(out: dict) -> str:
         section = s.get(name, {})
         if "error" in section or "skipped" in section:
             lines.append(f"{name}: {section.get('error') or 'skipped: ' + section['skipped']}")
-    if "ratio" in s.get("gc_step", {}):
-        lines.append("GC / plain step: " + ", ".join(f"{k} {v:.2f}" for k, v in s["gc_step"]["ratio"].items()))
+    for name in ("gc_step", "gc_resnet"):
+        for row in s.get(name, {}).get("rows", []):
+            lines.append(
+                f"GC / plain {row['model']} batch {row['batch']} {row['dtype']} {row['variant']}: {row['ratio']:.2f} "
+                f"({row['gc_ms']:.2f} / {row['plain_ms']:.2f} ms; kernels x{row['ops_ratio']:.1f}, "
+                f"FLOPs x{row['flops_ratio']:.2f})"
+            )
     for row in s.get("hvp", {}).get("rows", []):
         lines.append(
-            f"HVP {row['model']} batch {row['batch']}: {row['hvp_per_s']:.1f}/s, {row['hvp_over_grad']:.2f}x grad"
+            f"HVP {row['model']} batch {row['batch']} {row['image_size']}px {row['dtype']}: "
+            f"{row['hvp_per_s']:.1f}/s, {row['hvp_over_grad']:.2f}x grad"
         )
+    if "rows" in s.get("sophon", {}):
+        lines.append("SOPHON / plain: " + ", ".join(f"{r['variant']} {r['ratio']:.2f}" for r in s["sophon"]["rows"]))
     if "ours_over_pytorch" in s.get("vs_pytorch", {}):
         r = s["vs_pytorch"]["ours_over_pytorch"]
         lines.append(f"ours / PyTorch ({s['vs_pytorch']['device']}): plain {r['plain']:.2f}, GC {r['gc']:.2f}")
@@ -265,6 +398,11 @@ def summary(out: dict) -> str:
                                                       for r in rows))  # fmt: skip
     if "wall_s" in s.get("default_run", {}):
         lines.append(f"default run ({s['default_run']['config']}): {s['default_run']['wall_s']:.1f} s wall")
+    d = s.get("determinism", {})
+    if "wall_s" in d:
+        cost = f", x{d['cost']:.2f} the default run" if "cost" in d else ""
+        lines.append(f"--deterministic: {d['wall_s']:.1f} s wall{cost}; two runs identical: {d['identical']}"
+                     + (f" (differ: {', '.join(d['differing'][:6])})" if d["differing"] else ""))  # fmt: skip
     lines.append(f"total {out['total_s']:.0f} s")
     return "\n".join(lines)
 

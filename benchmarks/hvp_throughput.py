@@ -42,8 +42,11 @@ def _median_ms(call, repeats: int) -> float:
     return statistics.median(times)
 
 
-def measure(model: str, batch_size: int, image_size: int, repeats: int) -> dict:
-    network = build(ModelConfig(name=model, widths=WIDTHS[model]))
+def measure(model: str, batch_size: int, image_size: int, repeats: int, dtype: str = "float32", widths=None) -> dict:
+    """``dtype``: the backbone's compute dtype (``ModelConfig.dtype``; parameters and direction float32);
+    ``widths``: the model's (default ``WIDTHS[model]``)."""
+    widths = tuple(widths or WIDTHS[model])
+    network = build(ModelConfig(name=model, widths=widths, dtype=dtype))
     key, data_key, direction_key = jax.random.split(jax.random.PRNGKey(0), 3)
     variables = network.init(key, (image_size, image_size, 3), {"source": NUM_CLASSES})
     params, batch_stats = variables["params"], variables["batch_stats"]
@@ -67,7 +70,10 @@ def measure(model: str, batch_size: int, image_size: int, repeats: int) -> dict:
     grad_ms = min(grad_ms, _median_ms(lambda: gradient(params, batch), repeats))  # drift check
     return {
         "model": model,
+        "widths": list(widths),
         "batch": batch_size,
+        "image_size": image_size,
+        "dtype": dtype,
         "num_params": sum(x.size for x in leaves),
         "grad_ms": grad_ms,
         "hvp_ms": hvp_ms,
@@ -85,6 +91,7 @@ def main() -> None:
     parser.add_argument("--resnet-batches", default="32", help="batch sizes for resnet18")
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="backbone compute dtype")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
 
@@ -94,13 +101,13 @@ def main() -> None:
     device = str(jax.devices()[0].device_kind)
     print(
         f"HVP = jax.jvp of jax.grad (forward-over-reverse), jitted; median of {args.repeats}; "
-        f"{args.image_size}x{args.image_size}x3; jax {jax.__version__} ({device})"
+        f"{args.image_size}x{args.image_size}x3, {args.dtype}; jax {jax.__version__} ({device})"
     )
     header = ("model", "params", "batch", "grad ms", "HVP ms", "HVP/s", "ex/s", "HVP/grad")
     print("".join(f"{h:<10}" if i == 0 else f"{h:>{w}}" for i, (h, w) in enumerate(zip(header, WIDTHS_COL))))
     results = []
     for model, batch_size in runs:
-        r = measure(model, batch_size, args.image_size, args.repeats)
+        r = measure(model, batch_size, args.image_size, args.repeats, args.dtype)
         results.append(r)
         print(
             f"{model:<10}{r['num_params']:>10,}{batch_size:>7}{r['grad_ms']:>10.1f}{r['hvp_ms']:>10.1f}"

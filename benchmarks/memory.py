@@ -3,8 +3,8 @@
 Both are full jitted train steps (loss, gradient, SGD update with donated parameters), as in
 ``benchmarks/gc_step.py``: the plain step is one cross-entropy gradient over the batch; the GC step is
 ``jax.grad`` of ``dtl_jax.gc.gc_loss`` (``K`` chunk gradients plus ``K`` forward-over-reverse HVPs), once
-per ``hvp`` mode ("jvp", "linearize") and once with ``low_memory=True`` (chunks visited one after another,
-each chunk gradient recomputed in the backward pass). Nothing is run: each step is lowered and compiled and
+per ``hvp`` mode ("jvp", "linearize", "batched") and once with ``low_memory=True`` (chunks visited one after
+another, each chunk gradient recomputed in the backward pass). Nothing is run: each step is lowered and compiled and
 ``compiled.memory_analysis()`` gives ``temp_size_in_bytes`` (XLA's buffer-assignment peak of
 intermediate buffers), argument and output sizes. Reports the ratio GC temp / plain temp.
 Target: at most 2.5. A floor for any model-agnostic GC gradient is three parameter-sized buffers (``G``,
@@ -68,8 +68,9 @@ def _analysis(fn, params, batch) -> dict:
     }
 
 
-def measure(model: str, batch_size: int, num_chunks: int, image_size: int) -> dict:
-    network = build(ModelConfig(name=model, widths=WIDTHS[model]))
+def measure(model: str, batch_size: int, num_chunks: int, image_size: int, dtype: str = "float32") -> dict:
+    """``dtype``: the backbone's compute dtype (``ModelConfig.dtype``; parameters float32 either way)."""
+    network = build(ModelConfig(name=model, widths=WIDTHS[model], dtype=dtype))
     variables = network.init(jax.random.PRNGKey(0), (image_size, image_size, 3), {"source": 10})
     params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), variables["params"])
     batch = {
@@ -84,6 +85,7 @@ def measure(model: str, batch_size: int, num_chunks: int, image_size: int) -> di
         "batch": batch_size,
         "num_chunks": num_chunks,
         "image_size": image_size,
+        "dtype": dtype,
         "param_bytes": int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(variables["params"]))),
         "memory": memory,
         "ratio": {m: memory[f"gc_{m}"].get("temp", 0) / plain if plain else None for m in VARIANTS},
@@ -98,12 +100,13 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[64, 128, 256])
     parser.add_argument("--chunks", type=int, default=4)
     parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="backbone compute dtype")
     parser.add_argument("--target", type=float, default=2.5, help="largest acceptable GC temp / plain temp")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
-    results = [measure(m, b, args.chunks, args.image_size) for m in args.models for b in args.batches]
+    results = [measure(m, b, args.chunks, args.image_size, args.dtype) for m in args.models for b in args.batches]
     mib = 2.0**20
-    short = {"jvp": "jvp", "linearize": "lin", "low_memory": "low"}
+    short = {"jvp": "jvp", "linearize": "lin", "batched": "bat", "low_memory": "low"}
     modes = "".join(f"{short[m] + ' tmp':>9}" for m in VARIANTS) + "".join(f"{short[m] + '/pl':>8}" for m in VARIANTS)
     print(f"{'model':<6}{'batch':>6}{'K':>3}{'params MiB':>11}{'args MiB':>9}{'plain tmp':>10}{modes}   (MiB)")
     for r in results:

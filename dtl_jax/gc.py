@@ -41,7 +41,7 @@ AxisName = str | tuple[str | None, str] | None
 
 __all__ = ["gc_loss", "split_chunks", "pairwise_collision", "HVP_MODES"]
 
-HVP_MODES = ("jvp", "linearize")
+HVP_MODES = ("jvp", "linearize", "batched")
 
 
 def _reshape_chunks(batch: PyTree, num_chunks: int) -> PyTree:
@@ -193,6 +193,34 @@ def _hvp(grad_fn, params, chunk, consts, direction):
     return jax.jvp(lambda p: grad_fn(p, chunk, *consts), (params,), (_like(direction, params),))[1]
 
 
+def _stack(trees):
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def _batched_chunk_grads(grad_fn, params, chunks, consts) -> list[PyTree]:
+    """``[g_1..g_K]`` from one ``jax.vmap`` of the chunk gradient over the leading chunk axis (parameters and
+    ``consts`` shared): a chunk's batch statistics (BatchNorm) stay its own, as in the unrolled loop."""
+    stacked = jax.vmap(lambda chunk: grad_fn(params, chunk, *consts))(chunks)
+    return [_chunk(stacked, k) for k in range(jax.tree.leaves(chunks)[0].shape[0])]
+
+
+def _batched_hvps(loss_fn, params, chunks, consts, directions):
+    """``Σ_k H_k v_k`` as one reverse-over-forward pass over all chunks: ``∇_θ Σ_k <∇ℓ_k(θ), v_k>``, the
+    directional derivative ``<∇ℓ_k, v_k>`` a ``jax.jvp`` with the primal ``θ`` shared and the tangent
+    ``v_k`` ``jax.vmap``-ed over the chunk axis (``v_k`` held constant). Because ``θ`` is shared, the sum
+    over chunks happens inside the reverse pass: every weight gradient runs over the whole batch, and only
+    the operations that meet a chunk's own tangent ``v_k`` are per chunk (grouped convolutions)."""
+    stacked = _stack([_like(v, params) for v in directions])
+
+    def directional(p):
+        def one(chunk, direction):
+            return jax.jvp(lambda q: loss_fn(q, chunk, *consts), (p,), (direction,))[1]
+
+        return jnp.sum(jax.vmap(one)(chunks, stacked))
+
+    return jax.grad(directional)(params)
+
+
 def _after(carry, params, chunk):
     """``(params, chunk)``, made to depend on the whole of ``carry``: XLA must finish ``carry`` first and
     cannot merge what is computed from them with anything computed earlier.
@@ -270,6 +298,8 @@ def _collision_fwd(loss_fn, normalized, eps, hvp, low_memory, num_chunks, axes, 
         # (activations and their tangents' coefficients) are kept for the backward pass.
         pairs = [jax.linearize(lambda p, k=k: grad_fn(p, _chunk(chunks, k), *consts), params) for k in range(local)]
         partials, residual = [g for g, _ in pairs], (params, [lin for _, lin in pairs])
+    elif hvp == "batched":
+        partials, residual = _batched_chunk_grads(grad_fn, params, chunks, consts), params
     else:  # "jvp": keep the inputs, recompute the gradient inside the backward pass's jvp
         partials = [grad_fn(params, _chunk(chunks, k), *consts) for k in range(local)]
         residual = params
@@ -287,6 +317,8 @@ def _collision_bwd(loss_fn, normalized, eps, hvp, low_memory, num_chunks, axes, 
     if low_memory:
         total_units, norms = saved
         total = _streamed_hvps(grad_fn, residual, chunks, consts, total_units, norms, num_chunks, normalized, axes)
+    elif hvp == "batched":
+        total = _batched_hvps(loss_fn, residual, chunks, consts, saved)
     else:
         total = None
         for k, direction in enumerate(saved):
@@ -363,7 +395,17 @@ def gc_loss(
         ``v ↦ H_k v`` for the backward pass; it keeps every chunk's linearisation in memory and measured
         no faster on CPU (``benchmarks/gc_step.py``). Under ``jax.jit`` XLA shares the recomputed
         gradient with the forward one, so both modes compile to the same temporary memory
-        (``benchmarks/memory.py``).
+        (``benchmarks/memory.py``) and, on XLA:CPU, to the same program. Both run every chunk's passes
+        at the chunk's batch size ``B/K``: ``K`` times as many, ``K`` times smaller kernels as one pass
+        over the batch. ``"batched"``: the chunks side by side instead: the chunk gradients are one
+        ``jax.vmap`` over the chunk axis, and the backward pass is one reverse-over-forward pass over
+        the whole batch, ``Σ_k H_k v_k = ∇_θ Σ_k <∇ℓ_k(θ), v_k>`` (a ``jax.jvp`` vmapped over chunks and
+        tangents ``v_k``, then ``jax.grad``), so every primal operation and every weight gradient of the
+        backward pass runs over the whole batch and only the operations that meet a chunk's own
+        gradient or tangent are per chunk (in a conv net: grouped convolutions, ``feature_group_count
+        = K``). ``loss_fn`` must be ``jax.vmap``-able over a chunk (per-chunk BatchNorm statistics are
+        kept: each chunk is its own batch). Meant for accelerators, where the per-chunk passes are
+        latency-bound; XLA:CPU runs grouped convolutions slowly (``benchmarks/gc_step.py``).
       low_memory: keep no chunk gradients between the forward and the backward pass. The forward pass
         visits the chunks one after another keeping only ``G`` (``U``) and the norms; the backward pass
         recomputes each ``g_k`` inside its HVP. Temporary memory falls from about ``2K+1``

@@ -1,7 +1,7 @@
 """The benchmark scripts keep working: the accelerator suite in its tiny mode (what CI runs on a CPU), the
-per-stage scaling sweep on 1 and 2 CPU devices, the seeds benchmark on digits and the SOPHON step benchmark in
-its tiny mode. Timings are never checked (they depend on the machine); the structure and the counts that do
-not are."""
+per-stage scaling sweep on 1 and 2 CPU devices, the seeds benchmark on digits, the SOPHON step benchmark in
+its tiny mode and the compiled-program counter of ``gc_structure.py``. Timings are never checked (they depend
+on the machine); the structure and the counts that do not are."""
 
 import json
 import os
@@ -32,11 +32,35 @@ def test_accelerator_suite_tiny_writes_every_section(tmp_path):
     _run([str(REPO / "benchmarks" / "accelerator_suite.py"), "--tiny", "--json", str(out)], tmp_path)
     suite = json.loads(out.read_text())
     sections = suite["sections"]
-    assert set(sections) == {"gc_step", "hvp", "vs_pytorch", "memory", "scaling", "default_run"}
-    assert not [name for name, s in sections.items() if "error" in s]
+    assert set(sections) == {"gc_step", "gc_resnet", "hvp", "sophon", "vs_pytorch", "memory", "scaling",
+                             "default_run", "determinism"}  # fmt: skip
+    assert not [name for name, s in sections.items() if "error" in s or "skipped" in s]
     assert suite["tiny"] and suite["device"]["backend"] == "cpu"
-    assert all(r["gc_ms"] > 0 and r["plain_ms"] > 0 for r in sections["gc_step"]["rows"])
+    assert sum(suite["estimate_s"].values()) <= 480  # the full suite's estimate: 8 minutes on one GPU
+    gc_rows = sections["gc_step"]["rows"] + sections["gc_resnet"]["rows"]
+    assert all(r["gc_ms"] > 0 and r["plain_ms"] > 0 for r in gc_rows)
+    assert {(r["dtype"], r["variant"]) for r in sections["gc_step"]["rows"]} == {
+        ("float32", "jvp"),
+        ("float32", "batched"),
+        ("bfloat16", "jvp"),
+    }
+    assert {(r["model"], r["variant"]) for r in sections["gc_resnet"]["rows"]} == {
+        ("resnet18", "jvp"),
+        ("resnet18", "batched"),
+    }
+    # the same gradient either way (float32 here); each step's compiled program counted, GC's arithmetic about
+    # three plain gradients (the K chunk gradients and K HVPs); batched runs fewer, larger kernels
+    for r in gc_rows:
+        if r["dtype"] == "float32":
+            assert r["rel_norm_diff_vs_jvp"] < 1e-4, r
+        assert 2.0 < r["flops_ratio"] < 4.0 and r["program"]["ops"] > r["plain_program"]["ops"] > 0, r
+    resnet = {r["variant"]: r["program"] for r in sections["gc_resnet"]["rows"]}
+    assert resnet["batched"]["convs"] < resnet["jvp"]["convs"]
+    assert any(k.endswith("/g2") for k in resnet["batched"]["conv_kinds"])  # grouped: one group per chunk
     assert all(r["hvp_over_grad"] > 0 for r in sections["hvp"]["rows"])
+    assert {r["dtype"] for r in sections["hvp"]["rows"]} == {"float32", "bfloat16"}
+    sophon = [r["variant"] for r in sections["sophon"]["rows"]]
+    assert sophon[:2] == ["plain", "gc"] and {"sophon-fo-1", "sophon-hvp-1", "sophon-rev-1"} <= set(sophon)
     assert all(r["memory"]["plain"]["temp"] > 0 for r in sections["memory"]["rows"])
     if "skipped" in sections["vs_pytorch"]:  # only when PyTorch is missing
         assert "PyTorch" in sections["vs_pytorch"]["skipped"]
@@ -47,6 +71,11 @@ def test_accelerator_suite_tiny_writes_every_section(tmp_path):
     assert all(row["devices"] == 1 and row["comm_bytes"] == 0 for rows in scaling.values() for row in rows)
     run = sections["default_run"]
     assert run["wall_s"] > 0 and run["stage_devices"] == [1] and set(run["models"]) == {"random_init", "tl", "gc"}
+    # --deterministic: recorded, and on a CPU (deterministic already) both runs and the default run agree
+    determinism = sections["determinism"]
+    assert determinism["recorded"]["requested"] and determinism["recorded"]["platform"] == "cpu"
+    assert determinism["identical"] and determinism["differing"] == [] and determinism["same_as_default_run"]
+    assert determinism["cost"] > 0 and set(determinism["models"]) == set(run["models"])
 
 
 @pytest.mark.slow
@@ -98,3 +127,29 @@ def test_sophon_step_tiny_times_every_variant(tmp_path):
     sophon = [r for r in result["rows"] if r["variant"].startswith("sophon")]
     assert all(r["hvp_vs_rev_grad_rel_diff"] < 1e-4 and r["fo_vs_so_value_rel_diff"] < 1e-5 for r in sophon)
     assert len(result["load_average_before"]) == 3
+
+
+def test_gc_structure_counts_convolutions_their_kinds_and_chains():
+    """``gc_structure.structure`` on compiled programs whose convolutions are known: two in a chain (depth 2),
+    two side by side (depth 1), and a weight gradient (a window as wide as the activation: ``wgrad``)."""
+    import jax
+    import jax.numpy as jnp
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from gc_structure import structure
+
+    def conv(x, w):
+        return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    x, w = jnp.ones((4, 8, 8, 3)), jnp.ones((3, 3, 3, 3))
+
+    def program(fn, *args):
+        return structure(jax.jit(fn).lower(*args).compile().as_text())
+
+    chain = program(lambda x, w: conv(jnp.tanh(conv(x, w)), w), x, w)
+    side = program(lambda x, w, v: jnp.tanh(conv(x, w)) * conv(jnp.sin(x), v), x, w, 2 * w)
+    weight_grad = program(jax.grad(lambda w, x: jnp.sum(conv(x, w) ** 2)), w, x)
+    assert (chain["convs"], chain["conv_depth"], chain["conv_kinds"]) == (2, 2, {"act/4/g1": 2})
+    assert (side["convs"], side["conv_depth"]) == (2, 1)
+    assert weight_grad["conv_kinds"] == {"act/4/g1": 1, "wgrad/-/g1": 1} and weight_grad["conv_depth"] == 2
+    assert chain["ops"] >= 2 and chain["fusions"] >= 0

@@ -74,7 +74,7 @@ class Float64Test(chex.TestCase):
         np.testing.assert_allclose(got, _explicit(loss, params, batch, k, normalized), rtol=1e-12)
 
     @chex.variants(with_jit=True, without_jit=True)
-    @parameterized.product(mode=["jvp", "linearize", "low_memory"], normalized=[False, True])
+    @parameterized.product(mode=["jvp", "linearize", "batched", "low_memory"], normalized=[False, True])
     def test_gradient_matches_hessian_reference(self, mode, normalized):
         """∇GC = Σ_k H_k v_k with H_k from jax.hessian (materialised, tiny model) and v_k = ∂φ/∂g_k."""
         loss, params, batch = _problem()
@@ -209,6 +209,40 @@ def test_low_memory_keeps_one_chunk_of_activations_in_a_conv_net():
     assert low <= 0.5 * default, (low, default)
 
 
+@pytest.mark.parametrize("normalized", [False, True])
+def test_batched_equals_unrolled_with_per_chunk_batch_norm(normalized, x64):
+    """``hvp="batched"`` (chunks side by side under ``jax.vmap``) on a conv net with BatchNorm in train mode:
+    each chunk keeps its own batch statistics, so the value and gradient equal the unrolled ``"jvp"`` mode's
+    (float64; the vmapped path meets a max-pool, grouped convolutions and the BatchNorm reductions)."""
+    from dtl_jax.config import ModelConfig
+    from dtl_jax.models import build
+
+    network = build(ModelConfig(name="cnn", widths=(4, 6), batch_norm=True))
+    variables = jax.tree.map(
+        lambda x: x.astype(jnp.float64), network.init(jax.random.PRNGKey(0), (8, 8, 3), {"source": 3})
+    )
+    batch = {"image": jax.random.normal(jax.random.PRNGKey(1), (12, 8, 8, 3), jnp.float64), "label": jnp.arange(12) % 3}
+
+    def ce(p, b):
+        logits, _, _ = network.apply(
+            {"params": p, "batch_stats": variables["batch_stats"]}, b["image"], head="source", train=True
+        )
+        return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(b["label"].shape[0]), b["label"]])
+
+    def run(mode):
+        loss = lambda p: gc_loss(ce, p, batch, 3, normalized=normalized, hvp=mode)  # noqa: E731
+        return jax.jit(jax.value_and_grad(loss))(variables["params"])
+
+    (value, grad), (ref_value, ref_grad) = run("batched"), run("jvp")
+    np.testing.assert_allclose(value, ref_value, rtol=1e-12)
+    scale = float(jnp.max(jnp.abs(_flat(ref_grad))))
+    np.testing.assert_allclose(_flat(grad), _flat(ref_grad), rtol=1e-9, atol=1e-12 * scale)
+    # the statistics are the chunks' own: the mean of the chunk losses is not the whole batch's loss
+    chunks = [jax.tree.map(lambda x, k=k: x[4 * k : 4 * k + 4], batch) for k in range(3)]
+    per_chunk = sum(float(ce(variables["params"], c)) for c in chunks) / 3
+    assert abs(per_chunk - float(ce(variables["params"], batch))) > 1e-6
+
+
 def test_jit_agrees_with_eager_and_closure_over_traced_values():
     loss, params, batch = _problem(dtype=jnp.float32)
 
@@ -222,6 +256,10 @@ def test_jit_agrees_with_eager_and_closure_over_traced_values():
         jax.value_and_grad(lambda p, s: gc_loss(lambda q, b: s * loss(q, b), p, batch, 4, hvp="linearize"))
     )(params, jnp.float32(2.0))
     chex.assert_trees_all_close(eager, linearized, rtol=1e-5)
+    batched = jax.jit(
+        jax.value_and_grad(lambda p, s: gc_loss(lambda q, b: s * loss(q, b), p, batch, 4, hvp="batched"))
+    )(params, jnp.float32(2.0))
+    chex.assert_trees_all_close(eager, batched, rtol=1e-5)
     # scale enters GC quadratically: GC(2·loss) = 4·GC(loss)
     np.testing.assert_allclose(eager[0], 4 * gc_loss(loss, params, batch, 4), rtol=1e-5)
 

@@ -237,7 +237,7 @@ GC_CASES = [
     pytest.param(layout, normalized, mode, marks=() if (layout, normalized, mode) in GC_FAST else slow)
     for layout in GC_LAYOUTS
     for normalized in (False, True)
-    for mode in ("jvp", "linearize", "low_memory", *(("replicated",) if layout == "2x2" else ()))
+    for mode in ("jvp", "linearize", "batched", "low_memory", *(("replicated",) if layout == "2x2" else ()))
 ]
 
 
