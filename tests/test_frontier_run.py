@@ -95,6 +95,17 @@ def test_budget_area_is_a_mean_over_log_budgets():
     assert budget_area([5, 50], [0.2, 0.6]) == pytest.approx(0.4)
 
 
+def test_mean_curve_counts_a_halted_draw_with_its_last_value():
+    """A draw halted by the divergence guard has a shorter PL curve (a 10x-learning-rate attacker can diverge):
+    the mean over draws pads it with its last value instead of failing on a ragged array."""
+    from dtl_jax.stages.piggyback import mean_curve
+
+    assert mean_curve([[0.2, 0.4, 0.6], [0.3, 0.5, 0.7]]) == pytest.approx([0.25, 0.45, 0.65])
+    assert mean_curve([[0.2, 0.4, 0.6], [0.3]]) == pytest.approx([0.25, 0.35, 0.45])
+    assert mean_curve([[0.2, 0.4], []]) == pytest.approx([0.2, 0.4])
+    assert mean_curve([[], []]) == []
+
+
 @pytest.mark.slow
 def test_gpu_study_tiny_mode_reports_after_every_piece(tmp_path):
     """experiments/gpu_dtl_study.py --tiny: GC and RTF, seeds 0 and 1, a frontier after every piece; a zero

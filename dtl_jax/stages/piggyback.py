@@ -96,6 +96,8 @@ def piggyback_run(
         pl_vars, history, status = supervised(
             exp, name, pl_vars, task, "piggyback", optim, None, seed, stage, on_epoch, _CurveBook(curve)
         )
+        if status["halted_at"] is not None:  # halted by the divergence guard: the last good parameters' accuracy
+            curve.append(exp.accuracy(pl_vars, task.test, "piggyback"))
         # the attacker's final accuracy on the validation split too: what a search may select on (never test)
         val_acc = exp.accuracy(pl_vars, task.val, "piggyback") if len(task.val) else float("nan")
         meta = {
@@ -143,6 +145,16 @@ def budget_area(shots: list[int], accs: list[float]) -> float | None:
     return float(np.sum((y[1:] + y[:-1]) / 2 * np.diff(x)) / (x[-1] - x[0]))
 
 
+def mean_curve(curves: list[list[float]]) -> list[float]:
+    """The mean PL curve over draws; a draw halted by the divergence guard has a shorter curve, which counts
+    with its last value (its attacker's model stays at the last good parameters) for the epochs it missed."""
+    curves = [list(c) for c in curves if len(c)]
+    if not curves:
+        return []
+    n = max(len(c) for c in curves)
+    return np.mean([c + [c[-1]] * (n - len(c)) for c in curves], axis=0).tolist()
+
+
 def attack(exp: Experiment, model: str, variables: dict, strategy: str, shots: int, repeats: int,
            after: str | None = None, first_draw: int = 0) -> dict:  # fmt: skip
     """``repeats`` draws of one attack at one budget (draws ``first_draw`` ...): ``{"acc", "accs", "val_acc",
@@ -154,7 +166,7 @@ def attack(exp: Experiment, model: str, variables: dict, strategy: str, shots: i
         "acc": float(np.mean([d["acc"] for d in draws])),
         "accs": [d["acc"] for d in draws],
         "val_acc": float(np.mean([d["val_acc"] for d in draws])),
-        "curve": np.mean(curves, axis=0).tolist() if curves and curves[0] else [],
+        "curve": mean_curve(curves),
         "curves": curves,
         "runs": draws,
     }
