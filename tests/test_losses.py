@@ -72,9 +72,15 @@ class ByHandTest(chex.TestCase):
 def test_disposal_losses_are_the_methods_definitions():
     logits = jnp.array([[2.0, 0.0, -1.0], [0.5, 0.5, 0.0]])
     labels = jnp.array([0, 2])
-    assert set(losses.DISPOSAL_LOSSES) == {"gc", "ngc", "rtf", "utf", "ga"}
+    assert set(losses.DISPOSAL_LOSSES) == {"gc", "ngc", "gc_sep", "gc_bound", "gc_sep_bound", "sophon", "rtf", "utf",
+                                           "ga"}  # fmt: skip
     gc, ngc = losses.disposal_loss("gc"), losses.disposal_loss("ngc")
     assert gc.collision and not gc.normalized and ngc.collision and ngc.normalized
+    assert not (gc.bounded or gc.separate_clip or ngc.bounded or ngc.separate_clip)
+    variants = {name: losses.disposal_loss(name) for name in ("gc_sep", "gc_bound", "gc_sep_bound")}
+    assert all(v.collision and not v.normalized for v in variants.values())
+    assert [(v.bounded, v.separate_clip) for v in variants.values()] == [(False, True), (True, False), (True, True)]
+    assert losses.disposal_loss("sophon").family == "sophon" and not losses.disposal_loss("sophon").collision
     rtf, utf, ga = (losses.disposal_loss(name) for name in ("rtf", "utf", "ga"))
     assert rtf.wrong_labels and not (utf.wrong_labels or ga.wrong_labels)
     assert not (rtf.collision or utf.collision or ga.collision)
