@@ -18,10 +18,7 @@ second-order one adds a Hessian-vector product per inner step. ``ratio`` is the 
 step's; ``per_batch`` divides it by the ``k + 1`` batches the step reads. The second-order gradients of the
 two modes are compared (``hvp_vs_rev_grad_rel_diff``).
 
-Measured (2-core CPU shared with other jobs, load average 9.5 → 7.5, 15 rounds; plain step 20 ms): GC 2.17;
-first order k = 1, 3, 5: 1.35, 2.53, 4.00; HVP second order: 2.22, 6.12, 9.75; reverse second order: 6.88,
-21.2, 35.8 plain steps. The HVP form is 3.1-3.7x faster than reverse mode; a first-order step reads its
-``k + 1`` batches at about 0.65 plain steps each.
+The measured ratios are in docs/benchmarks.md (they move with the code and the machine).
 
 The variants run interleaved, one call each per round (load changes on a shared machine hit all alike),
 after two warm-up calls (compilation excluded); the median over rounds, ``block_until_ready`` on every step.
