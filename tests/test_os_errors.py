@@ -14,8 +14,8 @@ import orbax.checkpoint as ocp
 import pytest
 from test_cli import TINY
 
-from dtl_jax import checkpoint, cli, dtl, stages
-from dtl_jax.train import metrics
+from dtl_jax import checkpoint, cli, dtl
+from dtl_jax.train import loop, metrics
 from dtl_jax.workdir import os_error
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -107,8 +107,8 @@ def test_a_full_disk_mid_run_then_a_rerun_resumes(capsys, tmp_path, monkeypatch,
     assert not (tmp_path / "w" / "results.json").exists()
     monkeypatch.undo()
     ran = []
-    original = stages.run_steps
-    monkeypatch.setattr(stages, "run_steps", lambda *a, **k: (ran.append(k["desc"]), original(*a, **k))[1])
+    original = loop.run_steps
+    monkeypatch.setattr(loop, "run_steps", lambda *a, **k: (ran.append(k["desc"]), original(*a, **k))[1])
     assert cli.main(argv) == 0
     assert (tmp_path / "w" / "results.json").is_file()
     assert "pretrain" not in ran  # finished before the disk filled: reused
