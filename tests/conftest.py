@@ -38,6 +38,32 @@ SLOW_CASES = (
     "tests/test_gc.py::Float64Test::test_low_memory_value_and_gradient_equal_default_(normalized=True, k=2)",
     "tests/test_models.py::test_backbone_plus_named_heads[config3-image3]",
     "tests/test_models.py::test_max_pool_equals_flax_bit_for_bit[False-shape1]",
+    # the batched HVP: its Hessian check once (with jit), the per-chunk BatchNorm case once (True)
+    "tests/test_gc.py::Float64Test::test_gradient_matches_hessian_reference_(mode='batched', normalized=False)__witho",
+    "tests/test_gc.py::test_batched_equals_unrolled_with_per_chunk_batch_norm[False]",
+    # bfloat16: the parameter/compute split stays fast; GC against float32 on the CNN is slow
+    "tests/test_mixed_precision.py::test_gc_in_bfloat16_against_float32_default_cnn",
+    # SOPHON: the fast tier keeps the MLP's finite-difference check of the second-order gradient (k = 1)
+    "tests/test_sophon.py::test_first_order_is_the_outer_gradient_at_the_fine_tuned_weights",
+    "tests/test_sophon.py::test_trajectory_mean_gradient_matches_finite_differences",
+    "tests/test_sophon.py::test_inverse_ce_is_finite_for_a_confident_model",
+    "tests/test_sophon.py::test_second_order_gradient_matches_finite_differences[cnn_bn",
+    "tests/test_sophon.py::test_head_only_attacker_differentiates_the_closed_over_backbone",
+    "tests/test_sophon.py::test_hvp_mode_needs_batches_of_one_shape",
+    "tests/test_sophon.py::test_several_attackers_are_averaged",
+    "tests/test_sophon.py::test_zero_steps_is_the_plain_suppression_loss",
+    "tests/test_sophon.py::test_sharded_on_one_device_equals_unsharded",
+    "tests/test_baselines.py::test_mia_efficacy_equals_the_reference[6000-5400]",
+    "tests/test_sophon.py::test_hvp_gradient_equals_reverse_over_reverse[mlp-True-adam",
+    "tests/test_sophon.py::test_fresh_head_fine_tuned_but_not_differentiated",
+    "tests/test_mixed_precision.py::test_bfloat16_compute_float32_parameters",
+    # subprocess checks: the fast tier keeps one of each kind (cpu_conv's "off", prepare's missing TensorFlow)
+    "tests/test_cpu_conv.py::test_env_forces_a_path",
+    "tests/test_cpu_conv.py::test_off_without_xla_flags_sets_none",
+    "tests/test_cpu_conv.py::test_cached_choice_is_used_without_measuring",
+    "tests/test_prepare.py::test_missing_importlib_resources_is_one_line",
+    "tests/test_sure.py::test_run_logs_the_adversarial_game_every_step[dann]",
+    "tests/test_models.py::test_backbone_plus_named_heads[config2-image2]",
 )
 
 
