@@ -50,7 +50,27 @@ def fresh_cut(summary: dict, fresh: dict, loss: str, budget: str) -> dict:
     return describe(values)
 
 
-def table(summary: dict, fresh: dict | None) -> str:
+def worst_case(summary: dict, loss: str, budget: str, exclude: tuple[str, ...]) -> dict:
+    """Per seed, the smallest cut at ``budget`` over the attacks of the suite but ``exclude``."""
+    attacks = [a for a in summary["attackers"] if a not in exclude]
+    per = [summary["attackers"][a][loss][budget]["values"] for a in attacks]
+    return describe([None if None in column else min(column) for column in zip(*per, strict=True)])
+
+
+def attack_means(summary: dict, budget: str = "0.03") -> str:
+    """Each attack's mean cut at ``budget`` per loss, and TL's and random init's PL accuracy under it."""
+    losses = list(summary["cut"])
+    lines = ["| attack | TL PL acc | random init PL acc | " + " | ".join(losses) + " |"]
+    lines.append("|" + "---|" * (len(losses) + 3))
+    for attack, per_loss in summary["attackers"].items():
+        tl = describe([summary["strategies"][str(s)][attack]["tl"]["pl_acc"] for s in summary["seeds"]])
+        rnd = describe([summary["strategies"][str(s)][attack]["random_init"]["pl_acc"] for s in summary["seeds"]])
+        cells = [mean_ci(per_loss[loss][budget]) for loss in losses]
+        lines.append(f"| {attack} | {mean_ci(tl)} | {mean_ci(rnd)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def table(summary: dict, fresh: dict | None, exclude: tuple[str, ...] = ()) -> str:
     budgets = [str(b) for b in summary["budgets"]]
     head = "| loss | " + " | ".join(f"cut @{round(float(b) * 100)} pts" for b in budgets)
     head += " | area | cut @3 / headroom | worst case @3 |"
@@ -60,7 +80,7 @@ def table(summary: dict, fresh: dict | None) -> str:
         cells = [mean_ci(summary["cut"][loss][b]) for b in budgets]
         cells.append(mean_ci(summary["area"][loss]))
         cells.append(mean_ci(describe(headroom_fractions(summary, loss))))
-        cells.append(mean_ci(summary["worst_case"][loss]["0.03"]))
+        cells.append(mean_ci(worst_case(summary, loss, "0.03", exclude)))
         if fresh:
             cells.append(mean_ci(fresh_cut(summary, fresh, loss, "0.03")))
             cells.append(mean_ci(fresh["worst_case"][loss]["0.03"]))
@@ -72,13 +92,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("workdir")
     parser.add_argument("--loss", default="gc")
+    parser.add_argument("--exclude", default="", help="attacks left out of the worst case (comma list)")
     args = parser.parse_args()
     workdir = Path(args.workdir)
     summary = json.loads((workdir / "frontier.json").read_text())
     fresh_path = workdir / "frontier-fresh.json"
     fresh = json.loads(fresh_path.read_text()) if fresh_path.exists() else None
     print(f"seeds {summary['seeds']}; attacker per seed {summary['attacker']}\n")
-    print(table(summary, fresh))
+    exclude = tuple(a for a in args.exclude.split(",") if a)
+    print(table(summary, fresh, exclude))
+    print(f"\n(worst case over every attack but {', '.join(exclude) or 'none'})\n")
+    print(attack_means(summary))
     print()
     loss = args.loss
     for key, entry in summary["paired"].items():
@@ -96,6 +120,12 @@ def main() -> None:
                 theirs = fresh_cut(summary, fresh, other, "0.03")["values"]
                 diff = [None if a is None or b is None else a - b for a, b in zip(mine, theirs, strict=True)]
                 print(f"fresh draws, cut @3 pts {loss} − {other}: {mean_ci(describe(diff))}")
+    for attack in summary["attackers"]:
+        cut = summary["attackers"][attack][loss]["0.03"]["values"]
+        room = [summary["strategies"][str(s)][attack]["tl"]["pl_acc"] - summary["strategies"][str(s)][attack]
+                ["random_init"]["pl_acc"] for s in summary["seeds"]]  # fmt: skip
+        share = describe([None if c is None or r <= 0 else c / r for c, r in zip(cut, room, strict=True)])
+        print(f"{loss} against {attack} at the selected states: cut @3 pts / headroom {mean_ci(share)}")
     fraction = describe(headroom_fractions(summary, loss))
     upper = fraction["mean"] + fraction["ci95"]
     verdict = "excluded" if upper < PAPER_FRACTION else "not excluded"
