@@ -455,3 +455,17 @@ def test_sharded_on_two_devices_equals_unsharded(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name, errors in json.loads(proc.stdout.strip().splitlines()[-1]).items():
         assert errors["value"] < 1e-12 and errors["grad"] < 1e-10, (name, errors)
+
+
+@pytest.mark.slow
+def test_a_digits_run_with_gc_and_sophon_has_a_sophon_row(tmp_path, capsys):
+    """The issue's check: `dtl-jax run configs/digits.py --set disposal.methods=gc,sophon` finishes with a
+    sophon row (printed and in results.json, with a finite PL accuracy)."""
+    from dtl_jax import cli
+
+    argv = ["run", str(REPO / "configs" / "digits.py"), "--set", "disposal.methods=gc,sophon", "--quiet"]
+    assert cli.main([*argv, "--workdir", str(tmp_path / "w")]) == 0
+    assert any(line.startswith("sophon ") for line in capsys.readouterr().out.splitlines())
+    models = json.loads((tmp_path / "w" / "results.json").read_text())["models"]
+    assert set(models) == {"random_init", "tl", "gc", "sophon"}
+    assert np.isfinite(models["sophon"]["pl_acc"]) and np.isfinite(models["sophon"]["target_acc"])
