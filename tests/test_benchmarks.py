@@ -34,7 +34,8 @@ def test_accelerator_suite_tiny_writes_every_section(tmp_path):
     sections = suite["sections"]
     assert set(sections) == {"gc_step", "gc_resnet", "hvp", "sophon", "vs_pytorch", "memory", "scaling",
                              "default_run", "determinism"}  # fmt: skip
-    assert not [name for name, s in sections.items() if "error" in s or "skipped" in s]
+    # every section ran; the PyTorch comparison alone may be skipped, where PyTorch is missing (CI: no [bench])
+    assert not [name for name, s in sections.items() if "error" in s or ("skipped" in s and name != "vs_pytorch")]
     assert suite["tiny"] and suite["device"]["backend"] == "cpu"
     assert sum(suite["estimate_s"].values()) <= 480  # the full suite's estimate: 8 minutes on one GPU
     gc_rows = sections["gc_step"]["rows"] + sections["gc_resnet"]["rows"]
