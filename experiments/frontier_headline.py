@@ -36,18 +36,23 @@ def headroom_fractions(summary: dict, loss: str, budget: float = 0.03) -> list[f
     return out
 
 
+def _fresh_per_seed(summary: dict, fresh: dict, cut_of) -> dict:
+    """``describe`` over the seeds of ``cut_of(attacks)``, ``attacks`` a seed's fresh-draw results by attack
+    (``experiments/frontier_fresh_draws.py``); ``None`` for a seed the fresh draws did not cover."""
+    per_seed = [fresh["per_seed"].get(str(seed)) for seed in summary["seeds"]]
+    return describe([None if attacks is None else cut_of(seed, attacks) for seed, attacks in
+                     zip(summary["seeds"], per_seed, strict=True)])  # fmt: skip
+
+
 def fresh_cut(summary: dict, fresh: dict, loss: str, budget: str) -> dict:
     """The cut at ``budget`` against each seed's frontier attacker on fresh draws (draws the selection never
     saw: ``experiments/frontier_fresh_draws.py``)."""
-    values = []
-    for seed in summary["seeds"]:
-        per = fresh["per_seed"].get(str(seed))
-        if per is None:
-            values.append(None)
-            continue
-        attack = per[summary["attacker"][str(seed)]]
-        values.append(attack["tl"] - attack["losses"][loss][budget])
-    return describe(values)
+
+    def cut(seed, attacks):
+        attack = attacks[summary["attacker"][str(seed)]]
+        return attack["tl"] - attack["losses"][loss][budget]
+
+    return _fresh_per_seed(summary, fresh, cut)
 
 
 def worst_case(summary: dict, loss: str, budget: str, exclude: tuple[str, ...]) -> dict:
@@ -72,14 +77,11 @@ def attack_means(summary: dict, budget: str = "0.03") -> str:
 
 def fresh_worst_case(summary: dict, fresh: dict, loss: str, budget: str, exclude: tuple[str, ...]) -> dict:
     """Per seed, the smallest cut on fresh draws over the attacks but ``exclude``."""
-    values = []
-    for seed in summary["seeds"]:
-        per = fresh["per_seed"].get(str(seed))
-        if per is None:
-            values.append(None)
-            continue
-        values.append(min(a["tl"] - a["losses"][loss][budget] for name, a in per.items() if name not in exclude))
-    return describe(values)
+
+    def worst(seed, attacks):
+        return min(a["tl"] - a["losses"][loss][budget] for name, a in attacks.items() if name not in exclude)
+
+    return _fresh_per_seed(summary, fresh, worst)
 
 
 def table(summary: dict, fresh: dict | None, exclude: tuple[str, ...] = ()) -> str:

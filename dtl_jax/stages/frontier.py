@@ -64,9 +64,9 @@ class TrajectoryMonitor(Bookkeeping):
             return False
         if bool(jax.device_get(state["halted"])):  # the divergence guard stopped it: nothing new to keep
             return True
-        variables = jax.device_get(steps.variables_of(state))
-        target_val = self.exp.accuracy(steps.replicate(self.exp.mesh, variables), self.exp.target.val, "target")
-        self.arrays[f"slot{len(self.kept)}"] = variables
+        variables = steps.variables_of(state)  # already placed on the mesh: evaluated where it is
+        target_val = self.exp.accuracy(variables, self.exp.target.val, "target")
+        self.arrays[f"slot{len(self.kept)}"] = jax.device_get(variables)
         self.kept.append({"step": done, "target_val": target_val})
         if self.tl_val - target_val > self.stop_drop:
             self.stopped_at = done
