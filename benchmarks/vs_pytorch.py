@@ -265,7 +265,8 @@ def measure(args) -> dict:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
 
-    network = build(ModelConfig(name="cnn", widths=WIDTHS))
+    widths = tuple(args.widths)
+    network = build(ModelConfig(name="cnn", widths=widths))
     key = jax.random.PRNGKey(0)
     variables = network.init(key, (args.image_size, args.image_size, 3), {"source": NUM_CLASSES})
     batch = {
@@ -274,7 +275,7 @@ def measure(args) -> dict:
     }
     images = torch.from_numpy(np.asarray(batch["image"]).transpose(0, 3, 1, 2).copy())  # NHWC -> NCHW
     labels = torch.from_numpy(np.asarray(batch["label"]).astype(np.int64))
-    model = torch_cnn(WIDTHS, 3, NUM_CLASSES)
+    model = torch_cnn(widths, 3, NUM_CLASSES)
     copy_flax_weights(model, variables["params"])
     ce = jax_ce(network)
 
@@ -290,7 +291,7 @@ def measure(args) -> dict:
     ms = _interleaved_median_ms(calls, args.repeats)
     result = {
         "model": "cnn",
-        "widths": list(WIDTHS),
+        "widths": list(widths),
         "batch": args.batch,
         "num_chunks": args.chunks,
         "image_size": args.image_size,
@@ -307,7 +308,8 @@ def measure(args) -> dict:
     }
     print(
         f"\n{'framework':<10}{'plain ms':>10}{'GC ms':>10}{'GC/plain':>10}   "
-        f"(batch {args.batch}, K={args.chunks}, {args.image_size}x{args.image_size}x3, "
+        f"(widths {','.join(map(str, widths))}, batch {args.batch}, K={args.chunks}, "
+        f"{args.image_size}x{args.image_size}x3, "
         f"median of {args.repeats}, interleaved)"
     )
     for name, label in (("jax", "jax"), ("torch", "pytorch")):
@@ -328,10 +330,23 @@ def measure(args) -> dict:
     return result
 
 
+def _widths(text: str) -> tuple[int, ...]:
+    try:
+        widths = tuple(int(w) for w in text.split(","))
+    except ValueError:
+        widths = ()
+    if not widths or min(widths) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected positive integers separated by commas, e.g. 16,32,64")
+    return widths
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--chunks", type=int, default=4)
+    parser.add_argument(
+        "--widths", type=_widths, default=WIDTHS, help="the CNN's channels per stage, comma list (default 16,32,64)"
+    )
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--hvp", default="jvp", choices=HVP_MODES, help="gc_loss's HVP mode")
     parser.add_argument("--repeats", type=int, default=15)

@@ -154,3 +154,24 @@ def test_gc_structure_counts_convolutions_their_kinds_and_chains():
     assert (side["convs"], side["conv_depth"]) == (2, 1)
     assert weight_grad["conv_kinds"] == {"act/4/g1": 1, "wgrad/-/g1": 1} and weight_grad["conv_depth"] == 2
     assert chain["ops"] >= 2 and chain["fusions"] >= 0
+
+
+@pytest.mark.slow
+def test_gc_precision_separates_rounding_from_the_modes(tmp_path):
+    """``gc_precision.py`` on a narrow ResNet-18: in float64 the HVP modes agree to rounding, in float32 each
+    differs from float64 by more than that (what the script exists to tell apart), and bad input is one line."""
+    out = tmp_path / "precision.json"
+    argv = [str(REPO / "benchmarks" / "gc_precision.py"), "--model", "resnet18", "--widths", "4,4,8,8",
+            "--batch", "8", "--chunks", "4", "--image-size", "8", "--json", str(out)]  # fmt: skip
+    proc = _run(argv, tmp_path)
+    result = json.loads(out.read_text())
+    assert set(result["float64"]) == set(result["float32"]) == {"jvp", "batched"}
+    assert result["float64"]["batched"]["vs_float64_jvp"]["max_leaf"] < 1e-9
+    # float32 is rounding, not exact (here, 2 examples a chunk through BatchNorm, far from exact: ~1e-1)
+    assert 1e-9 < result["float32"]["jvp"]["vs_float64_jvp"]["global"] < 1.0
+    assert "vs_same_dtype_jvp" in result["float32"]["batched"]
+    assert "float32" in proc.stdout and "batched" in proc.stdout
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
+    bad = subprocess.run([sys.executable, argv[0], "--modes", "batched"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    assert bad.returncode == 2 and "including jvp" in bad.stderr and "Traceback" not in bad.stderr
