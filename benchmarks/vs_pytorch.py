@@ -24,6 +24,11 @@ Needs PyTorch (the ``bench`` extra): ``pip install torch==2.13.0``.
     python benchmarks/vs_pytorch.py                    # small CNN, K=4, batch 128, 32x32
     python benchmarks/vs_pytorch.py --repeats 20 --breakdown --json out.json
     python benchmarks/vs_pytorch.py --conv-paths both  # XLA:CPU's two convolution paths, a process each
+    python benchmarks/vs_pytorch.py --runs 5           # five processes: the ratios' mean and 95 % interval
+
+Run to run (process to process) the ratio moves by a few per cent on a shared CPU, more than within one run;
+``--runs N`` runs the whole measurement in N processes one after the other and reports each ratio's mean with
+its Student-t 95 % interval (``dtl_jax.summary.describe``), the way a claim about it should be stated.
 
 The JSON records the convolution path in force (``cpu_conv``: ``dtl_jax/cpu_conv.py``); with
 ``--conv-paths both`` it is ``{"chosen": <this machine's measured choice>, "by_path": {"eigen": ..., "ynn":
@@ -36,6 +41,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 
@@ -44,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dtl_jax import cpu_conv, losses
+from dtl_jax import cpu_conv, losses, summary
 from dtl_jax.config import ModelConfig
 from dtl_jax.gc import HVP_MODES, gc_loss
 from dtl_jax.models import build
@@ -330,6 +336,47 @@ def measure(args) -> dict:
     return result
 
 
+def _without(argv: list[str], option: str) -> list[str]:
+    """``argv`` without ``option`` and its value (``--option V`` or ``--option=V``)."""
+    out, skip = [], False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+        elif a == option and i > 0:
+            skip = True
+        elif not a.startswith(option + "="):
+            out.append(a)
+    return out
+
+
+def repeated_runs(argv: list[str], runs: int) -> dict:
+    """The measurement in ``runs`` processes of this script, one after another (each its own interleaved
+    medians); each ratio's mean ± 95 % interval over them (``summary.describe``)."""
+    import tempfile
+
+    base = _without(_without(argv, "--runs"), "--json")
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for run in range(runs):
+            target = os.path.join(tmp, f"run{run}.json")
+            done = subprocess.run([sys.executable, *base, "--json", target], timeout=3600)
+            if done.returncode != 0:
+                sys.exit(f"vs_pytorch.py: run {run + 1} of {runs} exited with {done.returncode}")
+            with open(target) as f:
+                results.append(json.load(f))
+    keys = {
+        "gc ours/pytorch": lambda r: r["ours_over_pytorch"]["gc"],
+        "plain ours/pytorch": lambda r: r["ours_over_pytorch"]["plain"],
+        "jax GC/plain": lambda r: r["gc_over_plain"]["jax"],
+        "torch GC/plain": lambda r: r["gc_over_plain"]["torch"],
+    }
+    described = {name: summary.describe([get(r) for r in results]) for name, get in keys.items()}
+    print(f"\nover {runs} runs (mean ± 95 %, Student t):")
+    for name, entry in described.items():
+        print(f"  {name:<20}{summary.mean_ci(entry)}   runs: {', '.join(f'{v:.3f}' for v in entry['values'])}")
+    return {"runs": results, "summary": described, "load_average_after": list(os.getloadavg())}
+
+
 def _widths(text: str) -> tuple[int, ...]:
     try:
         widths = tuple(int(w) for w in text.split(","))
@@ -358,10 +405,19 @@ def main() -> None:
         "--conv-paths", default="current", choices=("current", "both"),
         help="current: the path in force in this process; both: each of XLA:CPU's paths in a process of its own",
     )  # fmt: skip
+    parser.add_argument(
+        "--runs", type=int, default=1, help="measure in this many processes, one after another; report mean ± 95 %%"
+    )
     args = parser.parse_args()
+    if args.runs < 1:
+        parser.error(f"--runs {args.runs}: expected a positive number of runs")
+    if args.runs > 1 and args.conv_paths == "both":
+        parser.error("--runs with --conv-paths both: expected one of them (run each path with --runs alone)")
     if torch is None:
         sys.exit("vs_pytorch.py needs PyTorch, an optional extra: pip install torch==2.13.0")
-    if args.conv_paths == "both":
+    if args.runs > 1:
+        result = repeated_runs(sys.argv, args.runs)
+    elif args.conv_paths == "both":
         argv = [a for a in sys.argv if a not in ("--conv-paths", "both")]
         argv = [a for i, a in enumerate(argv) if a != "--json" and (i == 0 or argv[i - 1] != "--json")]
         by_path = cpu_conv.run_per_path(argv)

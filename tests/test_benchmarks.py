@@ -175,3 +175,32 @@ def test_gc_precision_separates_rounding_from_the_modes(tmp_path):
     bad = subprocess.run([sys.executable, argv[0], "--modes", "batched"], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
     assert bad.returncode == 2 and "including jvp" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_vs_pytorch_runs_summarises_each_process(monkeypatch):
+    """``vs_pytorch.py --runs N``: N processes of the script without ``--runs``/``--json`` (each given its own
+    ``--json``), and each ratio's mean ± 95 % over them. PyTorch is not needed: the processes are faked."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import vs_pytorch
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    assert vs_pytorch._without(["s.py", "--runs", "3", "--json", "o", "--runs=4", "--batch", "8"], "--runs") == [
+        "s.py", "--json", "o", "--batch", "8"]  # fmt: skip
+    ratios = iter([(1.1, 0.9), (1.0, 1.0), (0.9, 1.1)])
+    seen = []
+
+    def fake_run(cmd, timeout):
+        seen.append(cmd)
+        gc, plain = next(ratios)
+        record = {"ours_over_pytorch": {"gc": gc, "plain": plain}, "gc_over_plain": {"jax": 2.0, "torch": 2.0 * gc}}
+        Path(cmd[-1]).write_text(json.dumps(record))
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(vs_pytorch.subprocess, "run", fake_run)
+    result = vs_pytorch.repeated_runs(["vs_pytorch.py", "--runs", "3", "--json", "x.json", "--batch", "8"], 3)
+    assert len(seen) == 3 and all(c[1:4] == ["vs_pytorch.py", "--batch", "8"] and c[-2] == "--json" for c in seen)
+    gc = result["summary"]["gc ours/pytorch"]
+    assert gc["n"] == 3 and abs(gc["mean"] - 1.0) < 1e-12 and abs(gc["std"] - 0.1) < 1e-12
+    assert abs(gc["ci95"] - 4.302653 * 0.1 / 3**0.5) < 1e-5  # Student t, 2 dof
+    assert len(result["runs"]) == 3
