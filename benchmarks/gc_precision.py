@@ -32,6 +32,7 @@ import jax
 jax.config.update("jax_enable_x64", True)
 
 import jax.numpy as jnp  # noqa: E402
+from _args import positive_ints  # noqa: E402  (benchmarks/_args.py: this script's folder is on sys.path)
 
 from dtl_jax import losses  # noqa: E402
 from dtl_jax.config import ModelConfig  # noqa: E402
@@ -105,20 +106,10 @@ def measure(model: str, widths, batch_size: int, num_chunks: int, image_size: in
     }  # fmt: skip
 
 
-def _positive_ints(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        values = ()
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected positive integers separated by commas, e.g. 16,32,64")
-    return values
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="resnet18", choices=sorted(DEFAULT_WIDTHS))
-    parser.add_argument("--widths", type=_positive_ints, default=None, help="comma list (default: the model's)")
+    parser.add_argument("--widths", type=positive_ints, default=None, help="comma list (default: the model's)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--chunks", type=int, default=4)
     parser.add_argument("--image-size", type=int, default=32)

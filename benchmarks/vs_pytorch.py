@@ -49,6 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from _args import positive_ints  # benchmarks/_args.py (this script's folder is on sys.path)
 
 from dtl_jax import cpu_conv, losses, summary
 from dtl_jax.config import ModelConfig
@@ -377,22 +378,12 @@ def repeated_runs(argv: list[str], runs: int) -> dict:
     return {"runs": results, "summary": described, "load_average_after": list(os.getloadavg())}
 
 
-def _widths(text: str) -> tuple[int, ...]:
-    try:
-        widths = tuple(int(w) for w in text.split(","))
-    except ValueError:
-        widths = ()
-    if not widths or min(widths) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected positive integers separated by commas, e.g. 16,32,64")
-    return widths
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--chunks", type=int, default=4)
     parser.add_argument(
-        "--widths", type=_widths, default=WIDTHS, help="the CNN's channels per stage, comma list (default 16,32,64)"
+        "--widths", type=positive_ints, default=WIDTHS, help="the CNN's channels per stage (default 16,32,64)"
     )
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--hvp", default="jvp", choices=HVP_MODES, help="gc_loss's HVP mode")
