@@ -209,19 +209,17 @@ def test_low_memory_keeps_one_chunk_of_activations_in_a_conv_net():
     assert low <= 0.5 * default, (low, default)
 
 
-@pytest.mark.parametrize("normalized", [False, True])
-def test_batched_equals_unrolled_with_per_chunk_batch_norm(normalized, x64):
-    """``hvp="batched"`` (chunks side by side under ``jax.vmap``) on a conv net with BatchNorm in train mode:
-    each chunk keeps its own batch statistics, so the value and gradient equal the unrolled ``"jvp"`` mode's
-    (float64; the vmapped path meets a max-pool, grouped convolutions and the BatchNorm reductions)."""
-    from dtl_jax.config import ModelConfig
+def _batch_norm_problem(model_config, num_examples: int):
+    """A float64 network with BatchNorm in train mode (its statistics per call, so per chunk under GC), its
+    variables, a batch of 8x8 images with 3 classes, and its cross-entropy ``ce(params, batch)``."""
     from dtl_jax.models import build
 
-    network = build(ModelConfig(name="cnn", widths=(4, 6), batch_norm=True))
+    network = build(model_config)
     variables = jax.tree.map(
         lambda x: x.astype(jnp.float64), network.init(jax.random.PRNGKey(0), (8, 8, 3), {"source": 3})
     )
-    batch = {"image": jax.random.normal(jax.random.PRNGKey(1), (12, 8, 8, 3), jnp.float64), "label": jnp.arange(12) % 3}
+    images = jax.random.normal(jax.random.PRNGKey(1), (num_examples, 8, 8, 3), jnp.float64)
+    batch = {"image": images, "label": jnp.arange(num_examples) % 3}
 
     def ce(p, b):
         logits, _, _ = network.apply(
@@ -229,11 +227,26 @@ def test_batched_equals_unrolled_with_per_chunk_batch_norm(normalized, x64):
         )
         return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(b["label"].shape[0]), b["label"]])
 
-    def run(mode):
-        loss = lambda p: gc_loss(ce, p, batch, 3, normalized=normalized, hvp=mode)  # noqa: E731
-        return jax.jit(jax.value_and_grad(loss))(variables["params"])
+    return variables, batch, ce
 
-    (value, grad), (ref_value, ref_grad) = run("batched"), run("jvp")
+
+def _batched_and_jvp(ce, params, batch, num_chunks, normalized=False):
+    def run(mode):
+        loss = lambda p: gc_loss(ce, p, batch, num_chunks, normalized=normalized, hvp=mode)  # noqa: E731
+        return jax.jit(jax.value_and_grad(loss))(params)
+
+    return run("batched"), run("jvp")
+
+
+@pytest.mark.parametrize("normalized", [False, True])
+def test_batched_equals_unrolled_with_per_chunk_batch_norm(normalized, x64):
+    """``hvp="batched"`` (chunks side by side under ``jax.vmap``) on a conv net with BatchNorm in train mode:
+    each chunk keeps its own batch statistics, so the value and gradient equal the unrolled ``"jvp"`` mode's
+    (float64; the vmapped path meets a max-pool, grouped convolutions and the BatchNorm reductions)."""
+    from dtl_jax.config import ModelConfig
+
+    variables, batch, ce = _batch_norm_problem(ModelConfig(name="cnn", widths=(4, 6), batch_norm=True), 12)
+    (value, grad), (ref_value, ref_grad) = _batched_and_jvp(ce, variables["params"], batch, 3, normalized)
     np.testing.assert_allclose(value, ref_value, rtol=1e-12)
     scale = float(jnp.max(jnp.abs(_flat(ref_grad))))
     np.testing.assert_allclose(_flat(grad), _flat(ref_grad), rtol=1e-9, atol=1e-12 * scale)
@@ -248,26 +261,11 @@ def test_batched_equals_unrolled_on_resnet18_in_float64(x64):
     """The same on ResNet-18 (narrow: residual blocks, strided convolutions, projection shortcuts, BatchNorm in
     train mode per chunk). In float32 the two modes differ by up to a few 1e-2 in a leaf's largest entry at
     full width (``benchmarks/gc_precision.py``), but so does each from the float64 value: float32 rounding in
-    GC's cancellations, not a bug. In float64 the modes must agree to rounding."""
+    GC's cancellations, not a bug. In float64 the modes must agree to rounding, leaf by leaf."""
     from dtl_jax.config import ModelConfig
-    from dtl_jax.models import build
 
-    network = build(ModelConfig(name="resnet18", widths=(4, 4, 8, 8)))
-    variables = jax.tree.map(
-        lambda x: x.astype(jnp.float64), network.init(jax.random.PRNGKey(0), (8, 8, 3), {"source": 3})
-    )
-    batch = {"image": jax.random.normal(jax.random.PRNGKey(1), (8, 8, 8, 3), jnp.float64), "label": jnp.arange(8) % 3}
-
-    def ce(p, b):
-        logits, _, _ = network.apply(
-            {"params": p, "batch_stats": variables["batch_stats"]}, b["image"], head="source", train=True
-        )
-        return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(b["label"].shape[0]), b["label"]])
-
-    def run(mode):
-        return jax.jit(jax.value_and_grad(lambda p: gc_loss(ce, p, batch, 4, hvp=mode)))(variables["params"])
-
-    (value, grad), (ref_value, ref_grad) = run("batched"), run("jvp")
+    variables, batch, ce = _batch_norm_problem(ModelConfig(name="resnet18", widths=(4, 4, 8, 8)), 8)
+    (value, grad), (ref_value, ref_grad) = _batched_and_jvp(ce, variables["params"], batch, 4)
     np.testing.assert_allclose(value, ref_value, rtol=1e-12)
     for leaf, ref in zip(jax.tree.leaves(grad), jax.tree.leaves(ref_grad)):
         np.testing.assert_allclose(leaf, ref, rtol=1e-9, atol=1e-11 * float(jnp.max(jnp.abs(ref))) + 1e-300)
