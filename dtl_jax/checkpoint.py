@@ -26,6 +26,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from dtl_jax import runtime
+
 
 def _path(directory: str | os.PathLike) -> Path:
     return Path(directory).expanduser().resolve()
@@ -86,7 +88,7 @@ def save(directory: str | os.PathLike, tree: Any, meta: dict | None = None) -> N
     """Saves ``tree`` (arrays) and ``meta`` (JSON) under ``directory``; the JSON is written last, so
     its presence marks a finished checkpoint."""
     path = _path(directory)
-    with filesystem_errors(path):
+    with runtime.deferred_interrupts(), filesystem_errors(path):  # Ctrl-C waits for the write (runtime)
         path.mkdir(parents=True, exist_ok=True)
         with ocp.StandardCheckpointer() as checkpointer:
             checkpointer.save(path / "state", jax.device_get(tree), force=True)
@@ -105,7 +107,7 @@ def restore(directory: str | os.PathLike, like: Any) -> tuple[Any, dict]:
     """Restores the tree saved under ``directory`` with the structure, shapes and dtypes of ``like``."""
     path = _path(directory)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), like)
-    with filesystem_errors(path), ocp.StandardCheckpointer() as checkpointer:
+    with runtime.deferred_interrupts(), filesystem_errors(path), ocp.StandardCheckpointer() as checkpointer:
         tree = checkpointer.restore(path / "state", abstract)
         return tree, json.loads((path / "meta.json").read_text())
 
@@ -121,7 +123,7 @@ class Progress:
         self.every = every
         self.resumed_from = 0  # the step a run resumed from (set by the loop)
         options = ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False)
-        with filesystem_errors(self.directory):
+        with runtime.deferred_interrupts(), filesystem_errors(self.directory):
             self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     def restore(self, like: Any) -> tuple[Any, dict] | None:
@@ -130,20 +132,20 @@ class Progress:
         if step is None:
             return None
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), like)
-        with filesystem_errors(self.directory):
+        with runtime.deferred_interrupts(), filesystem_errors(self.directory):
             restored = self._manager.restore(
                 step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), extra=ocp.args.JsonRestore())
             )
         return restored["state"], restored["extra"]
 
     def save(self, step: int, tree: Any, extra: dict) -> None:
-        with filesystem_errors(self.directory):
+        with runtime.deferred_interrupts(), filesystem_errors(self.directory):  # Ctrl-C waits for the write
             state = ocp.args.StandardSave(jax.device_get(tree))
             self._manager.save(step, args=ocp.args.Composite(state=state, extra=ocp.args.JsonSave(extra)), force=True)
             self._manager.wait_until_finished()
 
     def close(self) -> None:
-        with filesystem_errors(self.directory):
+        with runtime.deferred_interrupts(), filesystem_errors(self.directory):
             self._manager.close()
 
 

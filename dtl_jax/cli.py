@@ -305,6 +305,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from dtl_jax import runtime
+
+    runtime.catch_interrupts()  # Ctrl-C stops the run even where Python drops its first KeyboardInterrupt
     from dtl_jax import cpu_conv
 
     cpu_conv.choose()  # XLA:CPU's convolution path, before anything starts JAX's backend (once per process)

@@ -13,13 +13,81 @@ of ``steps`` steps of each stage after ``warmup`` steps (so compilation stays ou
 per stage under ``DIR/<stage>/``, each with an ``.xplane.pb`` file that TensorBoard's profile plugin
 (``tensorboard --logdir DIR``, with ``tensorboard-plugin-profile``) or Perfetto (``ui.perfetto.dev``,
 the ``.trace.json.gz`` beside it) opens. Piggyback learning runs many times: only its first run is traced.
+
+**Interrupts** (Ctrl-C): Python raises ``KeyboardInterrupt`` wherever the main thread happens to be, and
+where that is a garbage-collector callback (JAX runs one at every collection) the exception is printed
+("Exception ignored in ...") and dropped, so the run went on as if Ctrl-C had not been pressed.
+``catch_interrupts()`` (the CLI calls it first) installs a SIGINT handler that raises as Python's does and
+also remembers the interrupt; ``check_interrupt()``, called before every training step
+(``train.loop.run_steps``), raises it again there, at a point where the newest checkpoint is consistent.
+Checkpoint writes and reads run under ``deferred_interrupts()``: Ctrl-C there is held until the write is
+finished (orbax does its work in threads of its own; interrupted mid-write, they were left waiting on each
+other and the process hung at exit after printing that it was interrupted), then raised.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from pathlib import Path
+
+_interrupted = False
+
+
+def _on_sigint(signum, frame):
+    global _interrupted
+    _interrupted = True
+    raise KeyboardInterrupt
+
+
+def catch_interrupts() -> None:
+    """SIGINT raises ``KeyboardInterrupt`` (as by default) and is remembered for ``check_interrupt``; forgets
+    an earlier one. In the main thread only (where Python runs signal handlers); elsewhere a no-op."""
+    import signal
+    import threading
+
+    global _interrupted
+    _interrupted = False
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, _on_sigint)
+
+
+@contextlib.contextmanager
+def deferred_interrupts():
+    """Holds SIGINT while the block runs and raises ``KeyboardInterrupt`` after it (if the block ended
+    normally), so that what the block writes is written whole. In the main thread only (elsewhere, and where
+    SIGINT's handler was not installed from Python, the block runs unchanged)."""
+    import signal
+    import threading
+
+    previous = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
+    if previous is None:
+        yield
+        return
+    held = []
+
+    def hold(signum, frame):
+        global _interrupted
+        held.append(signum)
+        if previous is _on_sigint:
+            _interrupted = True
+
+    signal.signal(signal.SIGINT, hold)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if held:
+        raise KeyboardInterrupt
+
+
+def check_interrupt() -> None:
+    """Raises ``KeyboardInterrupt`` if SIGINT arrived since ``catch_interrupts()``, even where its first
+    ``KeyboardInterrupt`` was swallowed (module docstring)."""
+    if _interrupted:
+        raise KeyboardInterrupt
+
 
 DETERMINISTIC_FLAGS = ("--xla_gpu_deterministic_ops=true", "--xla_gpu_exclude_nondeterministic_ops=true")
 

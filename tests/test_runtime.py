@@ -1,8 +1,10 @@
 """Run-level settings (dtl_jax/runtime.py): deterministic XLA flags, step profiling, and their record in
-results.json; with the bfloat16 compute dtype in one end-to-end run."""
+results.json; with the bfloat16 compute dtype in one end-to-end run; Ctrl-C that Python drops."""
 
+import gc
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -67,3 +69,78 @@ def test_digits_run_deterministic_profiled_bfloat16(tmp_path):
     stages = {p.parent.parent.parent.parent.name for p in traces.rglob("*.xplane.pb")}
     assert {"pretrain", "transfer", "disposal-gc", "piggyback"} <= stages
     assert list(traces.rglob("*.trace.json.gz"))  # for Perfetto
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the dropped interrupt itself
+def test_ctrl_c_dropped_in_a_gc_callback_still_stops_the_next_step():
+    """Ctrl-C while JAX's garbage-collector callback runs: Python prints "Exception ignored" and drops the
+    KeyboardInterrupt (seen as a Ctrl-C'd ``dtl-jax run`` finishing with exit code 0). With
+    ``catch_interrupts`` the next training step raises it."""
+    import numpy as np
+
+    from dtl_jax.train.loop import run_steps
+
+    previous = signal.getsignal(signal.SIGINT)
+    fired = []
+
+    def callback(phase, info):
+        if phase == "start" and not fired:
+            fired.append(True)
+            signal.raise_signal(signal.SIGINT)  # the handler runs here, inside the callback
+            sum(range(100))
+
+    def steps():
+        state = {"w": np.float32(0.0), "halted": np.bool_(False), "halted_at": np.int32(0)}
+        step = lambda s, x: ({**s, "w": s["w"] + x}, {"loss": s["w"]})  # noqa: E731
+        return run_steps(step, state, ((np.float32(i),) for i in range(100)), 5, desc="stage", quiet=True)
+
+    try:
+        runtime.catch_interrupts()
+        assert steps()[0]["w"] == 10.0  # nothing pending: all five steps run
+        gc.callbacks.append(callback)
+        try:
+            gc.collect()  # raises nothing: the interrupt was dropped inside the callback
+        finally:
+            gc.callbacks.remove(callback)
+        assert fired
+        with pytest.raises(KeyboardInterrupt):
+            steps()
+        runtime.catch_interrupts()  # a new run forgets it
+        assert steps()[0]["w"] == 10.0
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        runtime._interrupted = False
+
+
+def test_ctrl_c_during_a_checkpoint_write_waits_for_it(tmp_path, monkeypatch):
+    """SIGINT in the middle of ``checkpoint.save`` (raised from inside orbax's save): the checkpoint is
+    written whole (``meta.json``, the mark of a finished one, is there and restores), then
+    ``KeyboardInterrupt``. Before, orbax's threads were left waiting on each other and the process hung at
+    exit."""
+    import numpy as np
+    import orbax.checkpoint as ocp
+
+    from dtl_jax import checkpoint
+
+    original = ocp.StandardCheckpointer.save
+
+    def interrupted_save(self, *args, **kwargs):
+        signal.raise_signal(signal.SIGINT)
+        sum(range(100))  # where the interrupt would be raised, were it not held
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.StandardCheckpointer, "save", interrupted_save)
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        runtime.catch_interrupts()
+        with pytest.raises(KeyboardInterrupt):
+            checkpoint.save(tmp_path / "stage", {"w": np.arange(3.0)}, {"step": 7})
+        assert runtime._interrupted  # remembered for the next training step too
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        runtime._interrupted = False
+    monkeypatch.setattr(ocp.StandardCheckpointer, "save", original)
+    tree, meta = checkpoint.restore(tmp_path / "stage", {"w": np.zeros(3)})
+    assert meta == {"step": 7} and np.array_equal(tree["w"], np.arange(3.0))
+    with runtime.deferred_interrupts():  # nothing held: nothing raised
+        pass

@@ -96,6 +96,7 @@ def run_steps(
     for done in range(start + 1, num_steps + 1):
         if halted:
             break
+        runtime.check_interrupt()  # Ctrl-C whose KeyboardInterrupt Python dropped (runtime: "Interrupts")
         batch = next(batches)
         state, metrics = step(state, *(place(*batch) if place is not None else batch))
         if (profiler := runtime.profiler()) is not None:  # --profile: a few steps of each stage
