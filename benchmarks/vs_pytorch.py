@@ -409,9 +409,7 @@ def main() -> None:
     if args.runs > 1:
         result = repeated_runs(sys.argv, args.runs)
     elif args.conv_paths == "both":
-        argv = [a for a in sys.argv if a not in ("--conv-paths", "both")]
-        argv = [a for i, a in enumerate(argv) if a != "--json" and (i == 0 or argv[i - 1] != "--json")]
-        by_path = cpu_conv.run_per_path(argv)
+        by_path = cpu_conv.run_per_path(_without(_without(sys.argv, "--conv-paths"), "--json"))
         result = {"chosen": cpu_conv.record(), "by_path": by_path}
         print("\nby convolution path (ours/PyTorch, GC/plain):")
         for path, r in by_path.items():

@@ -378,8 +378,6 @@ def main(argv: list[str] | None = None) -> int:
             from dtl_jax.train.mesh import initialize_distributed
 
             if config.deterministic:  # XLA reads its flags when the backend starts: before anything runs
-                from dtl_jax import runtime
-
                 runtime.set_deterministic()
             initialize_distributed(args.coordinator, args.num_processes, args.process_id)
             from dtl_jax import dtl as module

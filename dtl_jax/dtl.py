@@ -209,7 +209,9 @@ def run_frontier(
     summary["provenance"] = provenance()
     summary["seconds"] = time.perf_counter() - begin
     write_json(workdir / "frontier.json", summary)
-    frontier.plot(summary, workdir / "frontier.png")
+    from dtl_jax.report import colours  # the report's colours: a loss looks the same in every figure
+
+    frontier.plot(summary, workdir / "frontier.png", colours(list(summary["points"])))
     return summary
 
 

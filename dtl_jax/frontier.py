@@ -221,8 +221,11 @@ def plot(summary: dict, path, colors: dict | None = None) -> None:
              ylabel="PL cut vs TL (points of source test accuracy)",
              title=f"Attack accuracy removed at each target cost ({len(seeds)} seeds, 95% band)")  # fmt: skip
     for name, marker, refs in (("TL", "*", tl), ("random init", "x", rand)):
-        right.scatter([refs[s][0]["pl_acc"] for s in seeds], [refs[s][0]["target_acc"] for s in seeds], s=40,
-                      marker=marker, color="black", label=name)  # fmt: skip
+        pl, target = [refs[s][0]["pl_acc"] for s in seeds], [refs[s][0]["target_acc"] for s in seeds]
+        if all(math.isfinite(t) for t in target):
+            right.scatter(pl, target, s=40, marker=marker, color="black", label=name)
+        else:  # no target head (random init): where its PL accuracy is, as a line, not an invisible marker
+            right.axvline(sum(pl) / len(pl), color="black", linestyle=":", linewidth=1, label=f"{name} (PL, mean)")
     right.set(xlabel="attacker's PL accuracy (source test)", ylabel="target accuracy (test)",
               title="Every kept disposal state, every seed")  # fmt: skip
     right.legend(fontsize=8, loc="lower right")

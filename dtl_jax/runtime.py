@@ -55,9 +55,9 @@ def catch_interrupts() -> None:
 
 @contextlib.contextmanager
 def deferred_interrupts():
-    """Holds SIGINT while the block runs and raises ``KeyboardInterrupt`` after it (if the block ended
-    normally), so that what the block writes is written whole. In the main thread only (elsewhere, and where
-    SIGINT's handler was not installed from Python, the block runs unchanged)."""
+    """Holds SIGINT while the block runs and delivers it after the block (if the block ended normally) to the
+    handler it was held from, so that what the block writes is written whole. In the main thread only
+    (elsewhere, and where SIGINT's handler was not installed from Python, the block runs unchanged)."""
     import signal
     import threading
 
@@ -66,20 +66,13 @@ def deferred_interrupts():
         yield
         return
     held = []
-
-    def hold(signum, frame):
-        global _interrupted
-        held.append(signum)
-        if previous is _on_sigint:
-            _interrupted = True
-
-    signal.signal(signal.SIGINT, hold)
+    signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
-    if held:
-        raise KeyboardInterrupt
+    if held:  # delivered now, to the handler it was held from (``_on_sigint``: remembered, then raised)
+        signal.raise_signal(signal.SIGINT)
 
 
 def check_interrupt() -> None:
